@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['COMMAND_GROUPS', 'build_parser', 'main']
 
-# %% ../nbs/14_cli.ipynb #3885751a
+# %% ../nbs/14_cli.ipynb #c31ca363
 import argparse, sys
 from . import __version__
 from .core import BadInputError
 
-# %% ../nbs/14_cli.ipynb #fe12eec3
+# %% ../nbs/14_cli.ipynb #524e6eca
 COMMAND_GROUPS = []  # functions that add a group of subcommands to the top-level subparsers, in help order
 
 def build_parser()->argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser()->argparse.ArgumentParser:
     for add in COMMAND_GROUPS: add(sub)
     return p
 
-# %% ../nbs/14_cli.ipynb #c30df592
+# %% ../nbs/14_cli.ipynb #ef49c25f
 def main(argv:list[str]|None=None)->int:
     "Entry point of the `omnihuman` command; returns the exit status."
     parser = build_parser()

@@ -6,7 +6,7 @@
 __all__ = ['BadInputError', 'check', 'check_shape', 'check_finite', 'Config', 'RunConfig', 'seed_everything', 'get_rng_state',
            'set_rng_state', 'make_generator', 'get_device', 'get_dtype']
 
-# %% ../nbs/00_core.ipynb #541f8f19
+# %% ../nbs/00_core.ipynb #43bcae30
 import dataclasses, json, os, random, types, typing
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -14,7 +14,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import numpy as np
 import torch
 
-# %% ../nbs/00_core.ipynb #e6db94ed
+# %% ../nbs/00_core.ipynb #8c0ac7c4
 class BadInputError(ValueError):
     "Bad input to an omnihuman_nb function or command: says what, what was expected, and what arrived."
     def __init__(self,
@@ -29,7 +29,7 @@ class BadInputError(ValueError):
         if hint: msg += f". {hint}"
         super().__init__(msg)
 
-# %% ../nbs/00_core.ipynb #162fd10d
+# %% ../nbs/00_core.ipynb #bd4a6aa4
 def check(ok:bool,                  # the condition that must hold
           what:str,                 # the thing being checked
           expected:str,             # what would be accepted
@@ -38,7 +38,7 @@ def check(ok:bool,                  # the condition that must hold
     "Raise `BadInputError(what, expected, got, hint)` unless `ok`."
     if not ok: raise BadInputError(what, expected, got, hint)
 
-# %% ../nbs/00_core.ipynb #41f62af2
+# %% ../nbs/00_core.ipynb #7cdf3e5d
 def _shape_str(spec): return "(" + ", ".join("*" if s is None else str(s) for s in spec) + ")"
 
 def check_shape(x,                  # a tensor or array (anything with `.shape`)
@@ -60,7 +60,7 @@ def check_shape(x,                  # a tensor or array (anything with `.shape`)
         else: dims[s] = n
     return dims
 
-# %% ../nbs/00_core.ipynb #537c4ac6
+# %% ../nbs/00_core.ipynb #04d370ea
 def check_finite(x,       # tensor or array
                  name:str # what `x` is, for the message
                 ):
@@ -73,7 +73,7 @@ def check_finite(x,       # tensor or array
         n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         raise BadInputError(name, "finite values", f"{n_nan} NaN and {n_inf} inf (first at index {first})")
 
-# %% ../nbs/00_core.ipynb #b3d250bc
+# %% ../nbs/00_core.ipynb #2f070f58
 def _to_jsonable(v):
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return {f.name: _to_jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
@@ -110,7 +110,7 @@ def _from_jsonable(tp, v, where):
         raise BadInputError(where, f"a {tp.__name__}", repr(v))
     return v
 
-# %% ../nbs/00_core.ipynb #2c8d65b5
+# %% ../nbs/00_core.ipynb #664e8e2a
 class Config:
     "Mixin for dataclasses that serialise to and from JSON, strictly."
     def to_dict(self)->dict:
@@ -151,7 +151,7 @@ class Config:
         "A copy with some fields changed."
         return dataclasses.replace(self, **kw)
 
-# %% ../nbs/00_core.ipynb #72d16a6e
+# %% ../nbs/00_core.ipynb #fdddf031
 @dataclasses.dataclass
 class RunConfig(Config):
     "Settings every run shares."
@@ -160,7 +160,7 @@ class RunConfig(Config):
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"              # "auto", "fp32", "fp16" or "bf16"
 
-# %% ../nbs/00_core.ipynb #ae079cba
+# %% ../nbs/00_core.ipynb #3a324a30
 def seed_everything(seed:int,                 # the one seed for python, numpy and torch
                     deterministic:bool=False  # also ask torch for deterministic kernels
                    )->int:
@@ -175,7 +175,7 @@ def seed_everything(seed:int,                 # the one seed for python, numpy a
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return seed
 
-# %% ../nbs/00_core.ipynb #05198212
+# %% ../nbs/00_core.ipynb #142b1eaa
 def get_rng_state()->dict:
     "The state of python, numpy and torch (CPU and CUDA) generators."
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -189,12 +189,12 @@ def set_rng_state(st:dict):
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
-# %% ../nbs/00_core.ipynb #479555a2
+# %% ../nbs/00_core.ipynb #7297471b
 def make_generator(seed:int, device:str|torch.device="cpu")->torch.Generator:
     "A torch generator on `device`, seeded."
     return torch.Generator(device=device).manual_seed(int(seed))
 
-# %% ../nbs/00_core.ipynb #e310117c
+# %% ../nbs/00_core.ipynb #64b0ba68
 def get_device(device:str|torch.device="auto")->torch.device:
     "`'auto'` → CUDA when available, else CPU (env `OMNIHUMAN_DEVICE` overrides); anything else is checked and returned."
     if isinstance(device, torch.device): return device
@@ -206,7 +206,7 @@ def get_device(device:str|torch.device="auto")->torch.device:
         check(dev.index is None or dev.index < torch.cuda.device_count(), "device", f"cuda:0..cuda:{torch.cuda.device_count()-1}", repr(device))
     return dev
 
-# %% ../nbs/00_core.ipynb #6e0543b2
+# %% ../nbs/00_core.ipynb #86ad155a
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
