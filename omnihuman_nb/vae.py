@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CausalConv3d', 'RMSNorm3d', 'ResBlock3d', 'FrameAttention', 'Downsample3d', 'Upsample3d', 'Encoder3d', 'Decoder3d',
-           'DiagonalGaussian', 'tiled_apply', 'CausalVAE']
+           'DiagonalGaussian', 'tiled_apply', 'CausalVAE', 'TensorMemory']
 
 # %% ../nbs/03_causal_vae.ipynb #b34a92e5
 import contextlib, math, weakref
@@ -331,3 +331,28 @@ class CausalVAE(ModelMixin, ConfigMixin):
     def denormalize(self, z:torch.Tensor)->torch.Tensor:
         "Unit-variance latents -> latents for `decode`."
         mean, std = self._stats(z); return z * std + mean
+
+# %% ../nbs/03_causal_vae.ipynb #5e859aaa
+class TensorMemory(TorchDispatchMode):
+    "Context manager measuring peak bytes of live torch tensor storage created inside it (CPU or GPU)."
+    def __enter__(self):
+        self.live, self.cur, self.peak = {}, 0, 0
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._sweep()   # storages freed since the last op
+        return super().__exit__(*exc)
+
+    def _sweep(self):
+        for k in [k for k, (ref, _) in self.live.items() if ref.expired()]: self.cur -= self.live.pop(k)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._sweep()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage(); ref = StorageWeakRef(st)
+                if ref.cdata not in self.live:
+                    self.live[ref.cdata] = (ref, st.nbytes()); self.cur += st.nbytes()
+        self.peak = max(self.peak, self.cur)
+        return out
