@@ -866,14 +866,14 @@ def attention(q:Tensor,                    # (B, H, Nq, D)
           else kv_lens.to(device=q.device, dtype=torch.int32))
     return attention_fwd(q, k, v, kl, scale)[0]
 
-# %% ../nbs/05_kernels.ipynb #83016d39
+# %% ../nbs/05_kernels.ipynb #7c31aa93
 TOLERANCE_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 def _scaled_err(a:Tensor, truth:Tensor)->float:
-    "max |a - truth| / max |truth|: the error in units of the tensor's own scale (NaN if a has NaN)."
+    "max |a - truth| / max(1, max |truth|): relative for tensors larger than one, absolute below (NaN if a has NaN)."
     if truth.numel() == 0: return 0.0
     a, truth = a.float(), truth.float()
-    return ((a - truth).abs().max() / truth.abs().max().clamp_min(1e-12)).item()
+    return ((a - truth).abs().max() / truth.abs().max().clamp_min(1.0)).item()
 
 def compare_to_reference(fn,                   # a public op taking `backend=`, e.g. rms_norm
                          args:tuple,           # its positional args; float tensors get cast to dtype and differentiated
