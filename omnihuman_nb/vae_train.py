@@ -6,7 +6,8 @@
 __all__ = ['VIDEO_EXTS', 'read_video', 'write_video', 'make_toy_clips', 'resize_frames', 'mouth_boxes', 'load_clips',
            'split_identities', 'psnr', 'ssim', 'reconstruction_loss', 'PatchDiscriminator3d', 'hinge_d_loss',
            'adaptive_weight', 'to_model', 'to_uint8', 'sample_batch', 'ema_update', 'VAETrainConfig', 'reconstruct',
-           'frame_metrics', 'evaluate_vae', 'latent_stats', 'train_vae']
+           'frame_metrics', 'evaluate_vae', 'latent_stats', 'train_vae', 'puppet_mouth_boxes', 'make_puppet_clips',
+           'recon', 'bench_vae']
 
 # %% ../nbs/04_vae_training.ipynb #2f07b72b
 import copy, dataclasses, json, math, os, random, statistics, time
@@ -412,3 +413,131 @@ def train_vae(data_dir,                         # folder of clips (see load_clip
           + f" after {step} steps ({summary['minutes']} min)")
     print(f"outputs are in {out}")
     return summary
+
+# %% ../nbs/04_vae_training.ipynb #808515c5
+def puppet_mouth_boxes(keypoints:np.ndarray, H:int, W:int, margin:float=1.0)->list:
+    "Per-frame mouth boxes [x0, y0, x1, y1] (pixels) from puppet keypoints (T, 25, 2)."
+    from omnihuman_nb.puppet import J, MOUTH_RX, MOUTH_RY
+    m, n = keypoints[:, J["mouth"]], keypoints[:, J["nose"]]
+    hr = np.linalg.norm(m - n, axis=-1) / 0.36
+    hw, hh = MOUTH_RX * hr + margin, (MOUTH_RY[0] + MOUTH_RY[1]) * hr + margin
+    b = np.stack([m[:, 0] - hw, m[:, 1] - hh, m[:, 0] + hw, m[:, 1] + hh], -1)
+    b = np.stack([np.floor(b[:, 0]).clip(0, W), np.floor(b[:, 1]).clip(0, H), np.ceil(b[:, 2]).clip(0, W), np.ceil(b[:, 3]).clip(0, H)], -1)
+    return b.astype(int).tolist()
+
+def make_puppet_clips(out_dir,                  # folder to write clip folders into
+                      n_identities:int=8,       # identities in the pool
+                      clips_per_identity:int=3,
+                      seconds:float=1.4,        # clip length (25 fps)
+                      size:int=64,
+                      seed:int=0,
+                      framing:str|None=None,    # None: each clip draws its own
+                      progress:bool=True)->list[Path]:
+    "Render puppet clips (video.mp4 + meta.json with identity and mouth_box) for `load_clips`."
+    from omnihuman_nb.puppet import identity_pool, render_puppet_clip
+    out, paths = Path(out_dir), []
+    pool = identity_pool(n_identities, seed)
+    jobs = [(i, j) for i in range(n_identities) for j in range(clips_per_identity)]
+    for i, j in tqdm(jobs, desc="render puppets", disable=not progress):
+        c = render_puppet_clip(seed=seed * 100_000 + i * 100 + j, size=size, seconds=seconds, identity=pool[i], framing=framing)
+        d = out / f"id{i:02d}_{j:02d}"
+        write_video(d / "video.mp4", c.video, fps=c.fps, lossless=True)
+        (d / "meta.json").write_text(json.dumps(dict(identity=f"id{i:02d}", mouth_box=puppet_mouth_boxes(c.keypoints, size, size),
+                                                     caption=c.caption, framing=c.truth["framing"], fps=c.fps)))
+        paths.append(d)
+    return paths
+
+# %% ../nbs/04_vae_training.ipynb #d1120a58
+def _resolve_vae_dir(vae_dir)->Path:
+    p = Path(vae_dir)
+    for c in (p, p / "vae"):
+        if (c / "config.json").exists(): return c
+    raise BadInputError("VAE folder", "a folder with config.json (from train_vae: OUT or OUT/vae)", str(p))
+
+def recon(vae_dir,                 # a trained VAE: train_vae's OUT or OUT/vae
+          video_in,                # the video to reconstruct
+          out_path,                # where the reconstructed mp4 goes
+          meta:str|None=None,      # metadata JSON with mouth_box (default: beside the video)
+          chunk:int=2)->dict:      # latent frames per streaming chunk
+    "Reconstruct a video through the VAE; print and return PSNR / SSIM (whole frame, mouth)."
+    vae = CausalVAE.from_pretrained(_resolve_vae_dir(vae_dir)).eval()
+    frames = _read_any(Path(video_in))
+    info = json.loads(Path(meta).read_text()) if meta else _meta_for(Path(video_in))
+    T, H, W, _ = frames.shape
+    f = vae.config.spatial_compression
+    h, w = H - H % f, W - W % f
+    check(h > 0 and w > 0, "video size", f"at least {f}x{f}", (H, W))
+    y0, x0 = (H - h) // 2, (W - w) // 2
+    if (h, w) != (H, W): print(f"note: centre-cropped {W}x{H} to {w}x{h} (a multiple of {f})")
+    frames = np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w])
+    mouth = mouth_boxes(info, T, H, W)
+    if mouth is not None:
+        mouth = mouth - np.array([x0, y0, x0, y0]); mouth[:, [0, 2]] = mouth[:, [0, 2]].clip(0, w); mouth[:, [1, 3]] = mouth[:, [1, 3]].clip(0, h)
+    rec = reconstruct(vae, frames, chunk)
+    m = frame_metrics(frames, rec, mouth)
+    write_video(out_path, rec, fps=int(info.get("fps", 25)))
+    print(f"{'region':<8}{'PSNR dB':>9}{'SSIM':>8}")
+    print(f"{'frame':<8}{m['psnr']:>9.2f}{m['ssim']:>8.3f}")
+    if "mouth_psnr" in m: print(f"{'mouth':<8}{m['mouth_psnr']:>9.2f}{'':>8}")
+    print(f"outputs are in {Path(out_path).parent} ({Path(out_path).name})")
+    return m | dict(frames=T, size=(h, w), out=str(out_path))
+
+# %% ../nbs/04_vae_training.ipynb #625b6410
+def _timed(fn)->float:
+    t = time.perf_counter(); fn(); return time.perf_counter() - t
+
+@torch.no_grad()
+def bench_vae(json_path=None,                          # also write the results here as JSON
+              size:int=128,                            # frame size (square)
+              frames:int=17,                           # frames in the timed video
+              long_frames:int=129,                     # frames for the memory comparison (against `frames`)
+              repeats:int=5,                           # timed rounds (medians are reported)
+              widths:tuple=(32, 64, 128, 128),         # level widths of both models
+              threads:int|None=None,                   # torch CPU threads (None: leave as is)
+              seed:int=0)->dict:
+    "Time our VAE against diffusers' AutoencoderKLCogVideoX at matched size; check streaming; print a table, return a dict."
+    from diffusers import AutoencoderKLCogVideoX
+    if threads: torch.set_num_threads(threads)
+    seed_everything(seed)
+    ours = CausalVAE(block_out_channels=tuple(widths), layers_per_block=1, latent_channels=16).eval()
+    theirs = AutoencoderKLCogVideoX(block_out_channels=tuple(widths), layers_per_block=1, latent_channels=16,
+                                    norm_num_groups=min(16, min(widths))).eval()
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    x = torch.rand(1, 3, frames, size, size, generator=make_generator(seed)) * 2 - 1
+    enc_o = lambda: ours.encode(x).mode()
+    enc_t = lambda: theirs.encode(x).latent_dist.mode()
+    z_o, z_t = enc_o(), enc_t()                   # warm-up, and the latents each decoder gets
+    ours.decode(z_o); theirs.decode(z_t).sample
+    times = {k: [] for k in ("enc_ours", "enc_theirs", "dec_ours", "dec_theirs")}
+    for r in tqdm(range(repeats), desc="bench vae"):
+        pairs = [("enc_ours", enc_o), ("enc_theirs", enc_t), ("dec_ours", lambda: ours.decode(z_o)), ("dec_theirs", lambda: theirs.decode(z_t).sample)]
+        order = pairs if r % 2 == 0 else [pairs[1], pairs[0], pairs[3], pairs[2]]
+        for k, fn in order: times[k].append(_timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    diff = max((ours.encode(x, chunk=1).mode() - z_o).abs().max().item(),
+               (ours.decode(z_o, chunk=1) - ours.decode(z_o)).abs().max().item())
+    def stream_peak(n_frames):
+        z = torch.randn(1, 16, 1 + (n_frames - 1) // 4, size // 8, size // 8, generator=make_generator(seed))
+        with TensorMemory() as mem:
+            for chunk in ours.decode_stream(z, 1): del chunk
+        return mem.peak
+    peak_short, peak_long = stream_peak(frames), stream_peak(long_frames)
+    res = dict(encode_ratio=med["enc_ours"] / med["enc_theirs"], decode_ratio=med["dec_ours"] / med["dec_theirs"],
+               stream_max_abs_diff=diff, stream_peak_mem_ratio=peak_long / peak_short,
+               params_ours=n_ours, params_theirs=n_theirs, param_ratio=n_ours / n_theirs,
+               encode_s_ours=med["enc_ours"], encode_s_theirs=med["enc_theirs"],
+               decode_s_ours=med["dec_ours"], decode_s_theirs=med["dec_theirs"],
+               stream_peak_mib_short=peak_short / 2**20, stream_peak_mib_long=peak_long / 2**20,
+               input=[1, 3, frames, size, size], long_frames=long_frames, repeats=repeats, threads=torch.get_num_threads(),
+               device="cpu", dtype="fp32", torch=torch.__version__)
+    print(f"{'metric':<24}{'value':>12}{'target':>10}")
+    for k, tgt in [("encode_ratio", "<= 1.0"), ("decode_ratio", "<= 1.0"), ("stream_max_abs_diff", "<= 1e-5"),
+                   ("stream_peak_mem_ratio", "<= 1.3"), ("param_ratio", "0.85-1.15")]:
+        print(f"{k:<24}{res[k]:>12.4g}{tgt:>10}")
+    print(f"times (s, median of {repeats}): encode ours {med['enc_ours']:.3f} / CogVideoX {med['enc_theirs']:.3f}, "
+          f"decode ours {med['dec_ours']:.3f} / CogVideoX {med['dec_theirs']:.3f}")
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=2))
+        print(f"outputs are in {json_path}")
+    return res
