@@ -85,7 +85,7 @@ def make_toy_clips(out_dir,                # folder to write clip folders into
             paths.append(d)
     return paths
 
-# %% ../nbs/04_vae_training.ipynb #260515f8
+# %% ../nbs/04_vae_training.ipynb #46186a84
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".npy", ".npz")
 
 def _meta_for(p:Path)->dict:
@@ -139,12 +139,19 @@ def load_clips(data_dir,                # folder searched recursively for videos
         check(v.ndim == 4 and v.shape[-1] == 3 and v.dtype == np.uint8, "clip frames", "uint8 (T, H, W, 3)", f"{p}: {v.dtype} {v.shape}")
         T, H, W, _ = v.shape
         name = str(p.parent.relative_to(root) if p.stem == "video" else p.relative_to(root).with_suffix(""))
-        clips.append(dict(name=name, identity=str(meta.get("identity", meta.get("identity_id", name))),
+        if "mouth_box" not in meta and (p.parent / "pose.json").exists():   # the clip format of chapter 02
+            pose = json.loads((p.parent / "pose.json").read_text())
+            if {"mouth", "nose"} <= set(pose.get("joints", [])):
+                kp = np.asarray(pose["keypoints"], np.float32)[..., :2]
+                meta = meta | {"mouth_box": puppet_mouth_boxes(kp, H, W, joints=pose["joints"])}
+        clips.append(dict(name=name, identity=str(meta.get("identity", meta.get("identity_id", name))), split=meta.get("split"),
                           frames=resize_frames(v, size), mouth=mouth_boxes(meta, T, H, W, size)))
     return clips
 
 def split_identities(clips:list[dict], holdout:float=0.25, seed:int=0)->tuple[list, list]:
-    "Split clips into (train, held-out) by identity: no identity is in both."
+    "Split clips into (train, held-out) by identity: no identity is in both. A 'heldout' split in the metadata wins."
+    if any(c.get("split") == "heldout" for c in clips):
+        return [c for c in clips if c.get("split") != "heldout"], [c for c in clips if c.get("split") == "heldout"]
     ids = sorted({c["identity"] for c in clips})
     random.Random(seed).shuffle(ids)
     n = min(len(ids) - 1, max(1, round(holdout * len(ids)))) if holdout > 0 else 0
@@ -414,11 +421,12 @@ def train_vae(data_dir,                         # folder of clips (see load_clip
     print(f"outputs are in {out}")
     return summary
 
-# %% ../nbs/04_vae_training.ipynb #808515c5
-def puppet_mouth_boxes(keypoints:np.ndarray, H:int, W:int, margin:float=1.0)->list:
-    "Per-frame mouth boxes [x0, y0, x1, y1] (pixels) from puppet keypoints (T, 25, 2)."
+# %% ../nbs/04_vae_training.ipynb #582f5c84
+def puppet_mouth_boxes(keypoints:np.ndarray, H:int, W:int, margin:float=1.0, joints:list|None=None)->list:
+    "Per-frame mouth boxes [x0, y0, x1, y1] (pixels) from puppet keypoints (T, K, 2); `joints` names them (default: the puppet's)."
     from omnihuman_nb.puppet import J, MOUTH_RX, MOUTH_RY
-    m, n = keypoints[:, J["mouth"]], keypoints[:, J["nose"]]
+    ix = {n: i for i, n in enumerate(joints)} if joints is not None else J
+    m, n = keypoints[:, ix["mouth"]], keypoints[:, ix["nose"]]
     hr = np.linalg.norm(m - n, axis=-1) / 0.36
     hw, hh = MOUTH_RX * hr + margin, (MOUTH_RY[0] + MOUTH_RY[1]) * hr + margin
     b = np.stack([m[:, 0] - hw, m[:, 1] - hh, m[:, 0] + hw, m[:, 1] + hh], -1)
