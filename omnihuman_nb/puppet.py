@@ -6,8 +6,8 @@
 __all__ = ['FPS', 'SR', 'SAMPLES_PER_FRAME', 'VOWELS', 'JOINTS', 'J', 'HAND_JOINTS', 'BONES', 'COLOURS', 'GESTURES', 'BODY',
            'FRAMINGS', 'MOUTH_RX', 'MOUTH_RY', 'parse_size', 'speech_audio', 'load_wav', 'frame_loudness',
            'mouth_from_audio', 'Identity', 'random_identity', 'identity_pool', 'rotate', 'two_link_ik', 'puppet_motion',
-           'framing_camera', 'keypoint_visibility', 'Canvas', 'draw_puppet', 'make_caption', 'gesture_energy',
-           'PuppetClip', 'render_puppet_clip']
+           'framing_camera', 'keypoint_visibility', 'Canvas', 'one_thread', 'draw_puppet', 'make_caption',
+           'gesture_energy', 'PuppetClip', 'render_puppet_clip']
 
 # %% ../nbs/01_puppet.ipynb #0d419106
 import dataclasses, math
@@ -372,7 +372,13 @@ class Canvas:
         "The frames as `(T, H, W, 3)` uint8."
         return (self.img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
-# %% ../nbs/01_puppet.ipynb #e7466814
+# %% ../nbs/01_puppet.ipynb #ed8cf21f
+class one_thread:
+    "Context manager: torch intra-op work on one thread inside, the previous count restored after."
+    def __enter__(self): self.n = torch.get_num_threads(); torch.set_num_threads(1)
+    def __exit__(self, *exc): torch.set_num_threads(self.n)
+
+# %% ../nbs/01_puppet.ipynb #5f6df3e4
 _LIPS, _EYES, _TROUSERS, _SHOES = (0.45, 0.08, 0.12), (0.08, 0.06, 0.08), (0.22, 0.24, 0.30), (0.12, 0.10, 0.10)
 MOUTH_RX, MOUTH_RY = 0.36, (0.05, 0.30)   # mouth half-width, and half-height closed + per unit opening (head radii)
 
@@ -385,31 +391,32 @@ def draw_puppet(motion:dict,         # from `puppet_motion`
     kp, head, ang, hr = motion["keypoints"] * s + o, motion["head"] * s + o, motion["head_angle"], motion["head_r"] * s
     K = lambda n: kp[:, J[n]]
     c = {k: np.array(COLOURS[k][getattr(ident, k)], np.float32) / 255 for k in COLOURS}
-    def face(v): return head + rotate(np.stack([v[0] * hr, v[1] * hr], -1), ang)
-    cv = Canvas(len(kp), H, W, c["background"])
-    if ident.person == "woman": cv.capsule(face((0, 0)), face((0, 1.6)), hr * 1.12, c["hair"])
-    for sd in ("left", "right"):
-        cv.capsule(K(f"{sd}_hip"), K(f"{sd}_knee"), 0.036 * s, _TROUSERS)
-        cv.capsule(K(f"{sd}_knee"), K(f"{sd}_ankle"), 0.032 * s, _TROUSERS)
-        cv.ellipse(K(f"{sd}_ankle") + [0, 0.012 * s], 0.04 * s, 0.018 * s, 0.0, _SHOES)
-    mid_hip = (K("left_hip") + K("right_hip")) / 2
-    cv.capsule(K("neck") * 0.75 + mid_hip * 0.25, mid_hip, 0.078 * ident.shoulders * s, c["shirt"])
-    cv.capsule(K("left_shoulder"), K("right_shoulder"), 0.035 * s, c["shirt"])
-    cv.capsule(K("neck"), head, 0.024 * s, c["skin"])
-    for sd in ("left", "right"):
-        cv.capsule(K(f"{sd}_shoulder"), K(f"{sd}_elbow"), 0.026 * s, c["shirt"] * 0.9)
-        cv.capsule(K(f"{sd}_elbow"), K(f"{sd}_wrist"), 0.019 * s, c["skin"])
-        w = K(f"{sd}_wrist"); palm = w + (K(f"{sd}_middle") - w) * 0.35
-        cv.capsule(w, palm, 0.02 * s, c["skin"])
-        for fn, *_ in _FINGERS: cv.capsule(palm, K(f"{sd}_{fn}"), 0.0085 * s, c["skin"])
-    cv.ellipse(face((0, -0.2)), hr * 1.06, hr, ang, c["hair"])
-    cv.ellipse(face((0, 0.08)), hr * 0.95, hr * 0.98, ang, c["skin"])
-    for ex in (-0.36, 0.36): cv.ellipse(face((ex, -0.05)), hr * 0.13, hr * 0.15 * motion["eyes"], ang, _EYES)
-    m = np.clip(np.asarray(mouth, np.float32), 0, 1)
-    cv.ellipse(face((0, 0.5)), hr * MOUTH_RX, hr * (MOUTH_RY[0] + MOUTH_RY[1] * m), ang, _LIPS)
-    return cv.to_uint8()
+    face = lambda v: head + rotate(np.stack([v[0] * hr, v[1] * hr], -1), ang)   # a point on the face, in head radii
+    with one_thread():
+        cv = Canvas(len(kp), H, W, c["background"])
+        if ident.person == "woman": cv.capsule(face((0, 0)), face((0, 1.6)), hr * 1.12, c["hair"])
+        for sd in ("left", "right"):
+            cv.capsule(K(f"{sd}_hip"), K(f"{sd}_knee"), 0.036 * s, _TROUSERS)
+            cv.capsule(K(f"{sd}_knee"), K(f"{sd}_ankle"), 0.032 * s, _TROUSERS)
+            cv.ellipse(K(f"{sd}_ankle") + [0, 0.012 * s], 0.04 * s, 0.018 * s, 0.0, _SHOES)
+        mid_hip = (K("left_hip") + K("right_hip")) / 2
+        cv.capsule(K("neck") * 0.75 + mid_hip * 0.25, mid_hip, 0.078 * ident.shoulders * s, c["shirt"])
+        cv.capsule(K("left_shoulder"), K("right_shoulder"), 0.035 * s, c["shirt"])
+        cv.capsule(K("neck"), head, 0.024 * s, c["skin"])
+        for sd in ("left", "right"):
+            cv.capsule(K(f"{sd}_shoulder"), K(f"{sd}_elbow"), 0.026 * s, c["shirt"] * 0.9)
+            cv.capsule(K(f"{sd}_elbow"), K(f"{sd}_wrist"), 0.019 * s, c["skin"])
+            w = K(f"{sd}_wrist"); palm = w + (K(f"{sd}_middle") - w) * 0.35
+            cv.capsule(w, palm, 0.02 * s, c["skin"])
+            for fn, *_ in _FINGERS: cv.capsule(palm, K(f"{sd}_{fn}"), 0.0085 * s, c["skin"])
+        cv.ellipse(face((0, -0.2)), hr * 1.06, hr, ang, c["hair"])
+        cv.ellipse(face((0, 0.08)), hr * 0.95, hr * 0.98, ang, c["skin"])
+        for ex in (-0.36, 0.36): cv.ellipse(face((ex, -0.05)), hr * 0.13, hr * 0.15 * motion["eyes"], ang, _EYES)
+        m = np.clip(np.asarray(mouth, np.float32), 0, 1)
+        cv.ellipse(face((0, 0.5)), hr * MOUTH_RX, hr * (MOUTH_RY[0] + MOUTH_RY[1] * m), ang, _LIPS)
+        return cv.to_uint8()
 
-# %% ../nbs/01_puppet.ipynb #9206cf42
+# %% ../nbs/01_puppet.ipynb #0a953408
 _GESTURE_PHRASES = {"idle": "gesturing as {s} talks", "wave_left": "waving {p} left hand", "wave_right": "waving {p} right hand",
                     "raise_both": "raising both arms", "point_left": "pointing with {p} left hand",
                     "point_right": "pointing with {p} right hand", "clap": "clapping {p} hands"}
@@ -426,7 +433,7 @@ def make_caption(ident:Identity, gesture:str, framing:str, talking:bool=True)->s
     act = act.format(p="her" if ident.person == "woman" else "his", s="she" if ident.person == "woman" else "he")
     return f"{_FRAMING_PHRASES[framing]} a {ident.person} with {hair} hair in a {ident.shirt} shirt on a {ident.background} background, {act}"
 
-# %% ../nbs/01_puppet.ipynb #e4736066
+# %% ../nbs/01_puppet.ipynb #d278355c
 def gesture_energy(envelope:np.ndarray, frames:int=9)->np.ndarray:
     "Co-speech gesture energy: the loudness envelope smoothed over `frames` frames."
     return _smooth(np.asarray(envelope, np.float64), frames).astype(np.float32)
@@ -443,7 +450,7 @@ class PuppetClip:
     fps: int = FPS
     sr: int = SR
 
-# %% ../nbs/01_puppet.ipynb #5a88c9c1
+# %% ../nbs/01_puppet.ipynb #80eff233
 def render_puppet_clip(seed:int=0,                  # fixes every choice left open
                        size=64,                     # int, (H, W) or 'WxH'
                        seconds:float|None=2.0,      # length; None: as long as the given audio
