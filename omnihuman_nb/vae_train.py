@@ -7,7 +7,7 @@ __all__ = ['VIDEO_EXTS', 'read_video', 'write_video', 'make_toy_clips', 'resize_
            'split_identities', 'psnr', 'ssim', 'reconstruction_loss', 'PatchDiscriminator3d', 'hinge_d_loss',
            'adaptive_weight', 'to_model', 'to_uint8', 'sample_batch', 'ema_update', 'VAETrainConfig', 'reconstruct',
            'frame_metrics', 'evaluate_vae', 'latent_stats', 'train_vae', 'puppet_mouth_boxes', 'make_puppet_clips',
-           'recon', 'bench_vae']
+           'recon', 'bench_vae', 'plot_training_curve', 'plot_reconstructions', 'plot_latent_channels']
 
 # %% ../nbs/04_vae_training.ipynb #2f07b72b
 import copy, dataclasses, json, math, os, random, statistics, time
@@ -549,3 +549,50 @@ def bench_vae(json_path=None,                          # also write the results 
         Path(json_path).write_text(json.dumps(res, indent=2))
         print(f"outputs are in {json_path}")
     return res
+
+# %% ../nbs/04_vae_training.ipynb #c1a5f5ba
+def plot_training_curve(run_dir)->"go.Figure":
+    "Training loss and held-out PSNR (whole frame, mouth) against minutes, from OUT/log.jsonl."
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    p = Path(run_dir) / "log.jsonl"
+    check(p.exists(), "training log", "OUT/log.jsonl from train_vae", str(p))
+    rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    ev = [r for r in rows if "heldout_psnr" in r]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "held-out PSNR (dB)"))
+    fig.add_trace(go.Scatter(x=[r["time"] / 60 for r in rows], y=[r["loss"] for r in rows], name="loss", mode="lines"), 1, 1)
+    fig.add_trace(go.Scatter(x=[r["time"] / 60 for r in ev], y=[r["heldout_psnr"] for r in ev], name="whole frame", mode="lines+markers"), 1, 2)
+    if ev and "heldout_mouth_psnr" in ev[0]:
+        fig.add_trace(go.Scatter(x=[r["time"] / 60 for r in ev], y=[r["heldout_mouth_psnr"] for r in ev], name="mouth", mode="lines+markers"), 1, 2)
+    fig.update_xaxes(title_text="minutes"); fig.update_layout(height=350)
+    return fig
+
+def plot_reconstructions(vae:CausalVAE, frames:np.ndarray, n:int=4)->"go.Figure":
+    "`n` frames of a clip (top) above their reconstructions (bottom)."
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    T = 1 + 4 * ((len(frames) - 1) // 4)
+    rec = reconstruct(vae, frames[:T])
+    idx = np.linspace(0, T - 1, n).round().astype(int)
+    fig = make_subplots(rows=2, cols=n, subplot_titles=[f"frame {i}" for i in idx] + [f"recon {i}" for i in idx],
+                        horizontal_spacing=0.01, vertical_spacing=0.08)
+    for j, i in enumerate(idx):
+        fig.add_trace(go.Image(z=frames[i]), 1, j + 1); fig.add_trace(go.Image(z=rec[i]), 2, j + 1)
+    fig.update_xaxes(visible=False); fig.update_yaxes(visible=False); fig.update_layout(height=330, margin=dict(t=30, b=0))
+    return fig
+
+@torch.no_grad()
+def plot_latent_channels(vae:CausalVAE, frames:np.ndarray, t:int=0)->"go.Figure":
+    "Heatmaps of every latent channel of latent frame `t` of a clip (posterior mean, normalised)."
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    T = 1 + 4 * ((len(frames) - 1) // 4)
+    z = vae.normalize(vae.encode(to_model(frames[:T])[None]).mode())[0, :, t]
+    C, cols = z.shape[0], min(8, z.shape[0])
+    fig = make_subplots(rows=math.ceil(C / cols), cols=cols, subplot_titles=[f"ch {c}" for c in range(C)],
+                        horizontal_spacing=0.01, vertical_spacing=0.06)
+    for c in range(C):
+        fig.add_trace(go.Heatmap(z=z[c].flip(0).numpy(), coloraxis="coloraxis"), c // cols + 1, c % cols + 1)
+    fig.update_xaxes(visible=False); fig.update_yaxes(visible=False)
+    fig.update_layout(coloraxis=dict(colorscale="RdBu", cmid=0), height=120 * math.ceil(C / cols) + 60, margin=dict(t=30, b=0))
+    return fig
