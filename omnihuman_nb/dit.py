@@ -421,7 +421,7 @@ def _switches(self, B:int, device, given:dict, condition_mask:dict|None)->dict:
 
 OmniHumanDiT._switches = _switches
 
-# %% ../nbs/06_dit.ipynb #3caed987
+# %% ../nbs/06_dit.ipynb #714be03b
 def _video_tokens(self, latents, ref, motion, pose, on):
     "The video stream `ref | motion | noisy` (B, Nv, hidden) and its layout (without text)."
     cfg, (pt, ph, pw) = self.config, self.patch
@@ -442,6 +442,7 @@ def _video_tokens(self, latents, ref, motion, pose, on):
         n[name] = 0
         if on[name] is None: continue
         d = check_shape(lat, ("B", "C", "T", "H", "W"), f"{name} latents", dict(B=B, C=C, H=H, W=W))
+        if d["T"] % pt: lat = torch.cat([lat[:, :, :1].expand(-1, -1, pt - d["T"] % pt, -1, -1), lat], 2)   # fill the first token frame with frame 0
         parts.append(self.patch_embed(patchify(lat, self.patch, f"{name} latents")) + self.type_embed[TYPE_IDS[name]])
         n[name] = parts[-1].shape[1]
     return torch.cat(parts + [x], 1), TokenLayout(0, n["ref"], n["motion"], (T // pt, H // ph, W // pw))
