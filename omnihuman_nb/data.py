@@ -8,7 +8,7 @@ __all__ = ['CLIP_FILES', 'MEL', 'write_video', 'read_video', 'write_audio', 'rea
            'render_dataset', 'held_out_identities', 'log_mel', 'frame_windows', 'pose_heatmaps', 'usable_clips',
            'ClipDataset', 'collate_clips', 'bench_data']
 
-# %% ../nbs/02_data.ipynb #14254ea8
+# %% ../nbs/02_data.ipynb #37e997a2
 import dataclasses, json, shutil, time, warnings
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .core import BadInputError, check, Config
 from .puppet import (FPS, SR, SAMPLES_PER_FRAME, JOINTS, BONES, FRAMINGS, GESTURES, PuppetClip,
-                                 identity_pool, parse_size, render_puppet_clip)
+                                 identity_pool, one_thread, parse_size, render_puppet_clip)
 
 # %% ../nbs/02_data.ipynb #caaddb20
 CLIP_FILES = dict(video="video.mp4", audio="audio.wav", pose="pose.json", caption="caption.txt", meta="meta.json")
@@ -44,24 +44,32 @@ def write_video(path:str|Path,            # where the .mp4 goes
             for p in st.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")): out.mux(p)
         for p in st.encode(): out.mux(p)
 
-# %% ../nbs/02_data.ipynb #c555d203
-def read_video(path:str|Path, stop:int|None=None)->tuple[np.ndarray, float]:
-    "Decode an mp4 (or anything FFmpeg reads) to `(T, H, W, 3)` uint8 RGB and its fps; `stop`: decode only frames `[0, stop)`."
+# %% ../nbs/02_data.ipynb #3aa745cb
+def read_video(path:str|Path,
+               stop:int|None=None,             # decode only frames [0, stop)
+               frames:list[int]|None=None      # or: return only these frames (in this order), decoding no further than needed
+              )->tuple[np.ndarray, float]:
+    "Decode an mp4 (or anything FFmpeg reads) to `(T, H, W, 3)` uint8 RGB, and its fps."
     from av.video.reformatter import VideoReformatter
     p = Path(path)
     check(p.exists(), "video file", "an existing file", str(p))
-    frames = []
+    if frames is not None: stop, wanted = max(frames) + 1, set(frames)
+    got, n = {}, 0
     try:
         with av.open(str(p)) as inp:
             st = inp.streams.video[0]
             fps, rf = float(st.average_rate or FPS), VideoReformatter()
             for f in inp.decode(st):
-                frames.append(rf.reformat(f, format="rgb24").to_ndarray())
-                if stop is not None and len(frames) >= stop: break
+                if frames is None or n in wanted: got[n] = rf.reformat(f, format="rgb24").to_ndarray()
+                n += 1
+                if stop is not None and n >= stop: break
     except (av.FFmpegError, IndexError, ValueError) as e:
         raise BadInputError("video file", "a readable video", f"{p} ({type(e).__name__}: {e})") from None
-    check(len(frames) > 0, "video file", "at least one decodable frame", str(p))
-    return np.stack(frames), fps
+    check(n > 0, "video file", "at least one decodable frame", str(p))
+    if frames is not None:
+        check(set(frames) <= set(got), "video file", f"frames up to {max(frames)}", f"{p} ends after {n} frames")
+        return np.stack([got[i] for i in frames]), fps
+    return np.stack(list(got.values())), fps
 
 # %% ../nbs/02_data.ipynb #3d76d306
 def write_audio(path:str|Path, wav:np.ndarray, sr:int=SR):
@@ -324,22 +332,25 @@ def frame_windows(feats:torch.Tensor|np.ndarray, radius:int=2)->torch.Tensor:
     idx = (torch.arange(len(f))[:, None] + torch.arange(-radius, radius + 1)).clamp(0, len(f) - 1)
     return f[idx]
 
-# %% ../nbs/02_data.ipynb #e886f53f
-def pose_heatmaps(keypoints,               # (T, K, 2) pixel (x, y)
-                  visibility,              # (T, K) bool or 0/1
+# %% ../nbs/02_data.ipynb #8a73564f
+def pose_heatmaps(keypoints,               # (..., T, K, 2) pixel (x, y): one clip, or a batch
+                  visibility,              # (..., T, K) bool or 0/1
                   size,                    # video (H, W) or int
                   sigma:float|None=None    # Gaussian width in pixels; default 2.5% of the shorter side, at least 1
                  )->torch.Tensor:
-    "One Gaussian per keypoint at video resolution: `(K, T, H, W)` float32 in [0, 1]; invisible keypoints give zeros."
+    "One Gaussian per keypoint at video resolution: `(..., K, T, H, W)` float32 in [0, 1], on the keypoints' device; invisible keypoints give zeros."
     H, W = parse_size(size)
-    kp, vis = torch.as_tensor(keypoints, dtype=torch.float32), torch.as_tensor(visibility).float()
-    check(kp.ndim == 3 and kp.shape[-1] == 2 and vis.shape == kp.shape[:2], "keypoints / visibility", "(T, K, 2) and (T, K)", (tuple(kp.shape), tuple(vis.shape)))
+    kp = torch.as_tensor(keypoints, dtype=torch.float32)
+    vis = torch.as_tensor(visibility, device=kp.device).float()
+    check(kp.ndim >= 3 and kp.shape[-1] == 2 and vis.shape == kp.shape[:-1], "keypoints / visibility", "(..., T, K, 2) and (..., T, K)", (tuple(kp.shape), tuple(vis.shape)))
     sigma = sigma or max(1.0, 0.025 * min(H, W))
-    gx = torch.exp(-((torch.arange(W) + 0.5) - kp[..., :1]) ** 2 / (2 * sigma ** 2))   # (T, K, W)
-    gy = torch.exp(-((torch.arange(H) + 0.5) - kp[..., 1:]) ** 2 / (2 * sigma ** 2))   # (T, K, H)
-    return (gy[..., :, None] * gx[..., None, :] * vis[..., None, None]).permute(1, 0, 2, 3).contiguous()
+    kp, vis = kp.transpose(-3, -2), vis.transpose(-2, -1)                              # (..., K, T, ...): the output's layout
+    xs, ys = torch.arange(W, device=kp.device) + 0.5, torch.arange(H, device=kp.device) + 0.5
+    gx = torch.exp(-(xs - kp[..., :1]) ** 2 / (2 * sigma ** 2)) * vis[..., None]   # (..., K, T, W)
+    gy = torch.exp(-(ys - kp[..., 1:]) ** 2 / (2 * sigma ** 2))                    # (..., K, T, H)
+    return gy[..., :, None] * gx[..., None, :]
 
-# %% ../nbs/02_data.ipynb #32201c83
+# %% ../nbs/02_data.ipynb #af5b20c7
 def usable_clips(root:str|Path, n_frames:int=1, split:str="all")->tuple[list[Path], dict]:
     "Clip folders under `root` that pass the fast check, are at least `n_frames` long and are in `split`; and the skipped ones with reasons (each warned about)."
     check(split in ("all", "train", "heldout"), "split", "'all', 'train' or 'heldout'", repr(split))
@@ -356,7 +367,7 @@ def usable_clips(root:str|Path, n_frames:int=1, split:str="all")->tuple[list[Pat
         else: good.append(c)
     return good, skipped
 
-# %% ../nbs/02_data.ipynb #5ea2dbe5
+# %% ../nbs/02_data.ipynb #7c260c09
 class ClipDataset(Dataset):
     "Training samples from a folder of clip folders; broken clips are skipped with a warning."
     def __init__(self, root:str|Path,              # a folder of clip folders (or one clip folder)
@@ -385,18 +396,20 @@ class ClipDataset(Dataset):
         for j in range(len(self.clips)):
             c = self.clips[(i + j) % len(self.clips)]
             if c.name in self.skipped: continue
-            try: return self._load((i + j) % len(self.clips))
+            try:
+                with one_thread(): return self._load((i + j) % len(self.clips))
             except (BadInputError, OSError, av.FFmpegError, ValueError, KeyError) as e:
                 self.skipped[c.name] = [f"failed to load ({e})"]
                 warnings.warn(f"skipping clip {c.name}: failed to load ({e})", stacklevel=2)
         raise BadInputError("dataset", "at least one loadable clip", f"all {len(self.clips)} clips failed under {self.root}")
 
-    def _video(self, c:Path, T:int, stop:int)->np.ndarray:
-        if c in self._frames: return self._frames[c]
-        frames, _ = read_video(c / CLIP_FILES["video"], stop=None if self.cache else stop)
-        check(len(frames) >= stop, "video", f"{T} frames as meta.json says", len(frames))
-        if self.cache: self._frames[c] = frames
-        return frames
+    def _video(self, c:Path, wanted:list[int])->np.ndarray:
+        "Frames `wanted` of clip `c`, (len, H, W, 3) uint8; with `cache`, the whole clip is decoded once and kept."
+        if self.cache:
+            if c not in self._frames: self._frames[c] = read_video(c / CLIP_FILES["video"])[0]
+            check(len(self._frames[c]) > max(wanted), "video", f"at least {max(wanted) + 1} frames", len(self._frames[c]))
+            return self._frames[c][wanted]
+        return read_video(c / CLIP_FILES["video"], frames=wanted)[0]
 
     def _audio(self, c:Path, T:int, fps:int)->torch.Tensor:
         if c not in self._feats:
@@ -412,9 +425,9 @@ class ClipDataset(Dataset):
         t0 = int(rng.integers(0, T - n + 1))
         outside = np.r_[0:t0, t0 + n:T]
         ref_i = int(rng.choice(outside)) if len(outside) else int(rng.integers(t0, t0 + n))
-        frames = self._video(c, T, max(t0 + n, ref_i + 1))
+        frames = self._video(c, list(range(t0, t0 + n)) + [ref_i])
         to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(3, 0, 1, 2).float() / 127.5 - 1
-        s = dict(video=to_t(frames[t0:t0 + n]), ref=to_t(frames[ref_i:ref_i + 1])[:, 0])
+        s = dict(video=to_t(frames[:n]), ref=to_t(frames[n:])[:, 0])
         H, W = s["video"].shape[-2:]
         s["has_audio"] = bool(m.get("has_audio"))
         D = SR // fps // MEL["hop_length"] * self.n_mels
@@ -425,7 +438,7 @@ class ClipDataset(Dataset):
             check(len(kp) == T, "pose.json", f"{T} frames", len(kp))
             kp, vis = kp[t0:t0 + n], vis[t0:t0 + n]
         else: kp, vis = np.zeros((n, len(JOINTS), 2), np.float32), np.zeros((n, len(JOINTS)), bool)
-        s["keypoints"] = torch.cat([torch.from_numpy(kp), torch.from_numpy(vis).float()[..., None]], -1)
+        s["keypoints"] = torch.cat([torch.from_numpy(kp), torch.from_numpy(vis).float()[..., None]], -1)   # (T, K, 3): x, y, visible
         if self.heatmaps: s["pose"] = pose_heatmaps(kp, vis, (H, W), self.sigma)
         cap = c / CLIP_FILES["caption"]
         s["caption"] = cap.read_text().strip() if cap.exists() else ""
@@ -436,27 +449,43 @@ class ClipDataset(Dataset):
         s.update(clip=c.name, identity=int(m.get("identity_id", -1)), frame_start=t0, ref_index=ref_i)
         return s
 
-# %% ../nbs/02_data.ipynb #5ac3114a
+# %% ../nbs/02_data.ipynb #6dad8322
+_MASKED_BY = {"audio": "has_audio", "pose": "has_pose", "keypoints": "has_pose"}   # batch rows left at zero when the flag is off
+
 def collate_clips(samples:list[dict])->dict:
-    "Batch sample dicts: tensors stacked (None → zeros), strings listed, flags and ints as tensors."
+    "Batch sample dicts: tensors stacked (None, or a row whose has_* flag is off → zeros), strings listed, flags and ints as tensors."
     check(len(samples) > 0, "batch", "at least one sample", 0)
     out = {}
-    for k in samples[0]:
-        vals = [s.get(k) for s in samples]
-        if all(v is None for v in vals): out[k] = None
-        elif any(isinstance(v, torch.Tensor) for v in vals):
-            like = next(v for v in vals if v is not None)
-            shapes = {tuple(v.shape) for v in vals if v is not None}
-            check(len(shapes) == 1, f"batch '{k}'", "the same shape in every sample", sorted(shapes),
-                  hint="Clips of different sizes or window lengths can't share a batch")
-            out[k] = torch.stack([torch.zeros_like(like) if v is None else v for v in vals])
-        elif all(isinstance(v, str) for v in vals): out[k] = vals
-        elif all(isinstance(v, bool) for v in vals): out[k] = torch.tensor(vals, dtype=torch.bool)
-        elif all(isinstance(v, int) for v in vals): out[k] = torch.tensor(vals, dtype=torch.long)
-        else: out[k] = vals
+    with one_thread():
+        for k in samples[0]:
+            vals = [s.get(k) for s in samples]
+            if all(v is None for v in vals): out[k] = None
+            elif any(isinstance(v, torch.Tensor) for v in vals):
+                like = next(v for v in vals if v is not None)
+                shapes = {tuple(v.shape) for v in vals if v is not None}
+                check(len(shapes) == 1, f"batch '{k}'", "the same shape in every sample", sorted(shapes),
+                      hint="Clips of different sizes or window lengths can't share a batch")
+                t = torch.zeros((len(vals),) + tuple(like.shape), dtype=like.dtype)
+                for i, v in enumerate(vals):
+                    if v is not None and samples[i].get(_MASKED_BY.get(k), True) is not False: t[i] = v
+                out[k] = t
+            elif all(isinstance(v, str) for v in vals): out[k] = vals
+            elif all(isinstance(v, bool) for v in vals): out[k] = torch.tensor(vals, dtype=torch.bool)
+            elif all(isinstance(v, int) for v in vals): out[k] = torch.tensor(vals, dtype=torch.long)
+            else: out[k] = vals
     return out
 
-# %% ../nbs/02_data.ipynb #f1ebd0ef
+# %% ../nbs/02_data.ipynb #69def011
+def _samples_per_s(ds, batch_size, num_workers, min_seconds):
+    "Samples/s through a DataLoader, whole passes until `min_seconds` have gone by, after a warm-up read."
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate_clips)
+    for i in range(len(ds)): ds[i]                       # warm up: one-off imports (and, cached, the decoding) aren't loading speed
+    n, t0, epoch = 0, time.perf_counter(), 1
+    while n == 0 or time.perf_counter() - t0 < min_seconds:
+        ds.set_epoch(epoch); epoch += 1
+        for b in dl: n += len(b["clip"])
+    return n / (time.perf_counter() - t0)
+
 def bench_data(size=64,                  # render size
                seconds:float=2.0,        # clip length
                clips:int=8,              # clips to render and load
@@ -466,9 +495,10 @@ def bench_data(size=64,                  # render size
                min_seconds:float=2.0,    # keep loading (whole passes) until this much time has passed
                json_path:str|Path|None=None, # also write the results here
                verbose:bool=True)->dict:
-    "Render frames/s and loader samples/s at `size`; returns (and optionally writes) the figures."
+    "Render frames/s and loader samples/s (decoding each sample, and cached) at `size`; returns (and optionally writes) the figures."
     import os, tempfile
     H, W = parse_size(size)
+    render_puppet_clip(seed=0, size=(H, W), seconds=0.2)     # warm up
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter(); rendered = []
         for i in range(clips): rendered.append(render_puppet_clip(seed=i, size=(H, W), seconds=seconds))
@@ -476,22 +506,19 @@ def bench_data(size=64,                  # render size
         t0 = time.perf_counter()
         for i, c in enumerate(rendered): write_puppet_clip(Path(d) / f"clip_{i:05d}", c, keep_audio=i % 2 == 0, keep_pose=i % 3 != 2)
         t_write = time.perf_counter() - t0
-        ds = ClipDataset(d, n_frames=n_frames)
-        dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate_clips)
-        n, t0, epoch = 0, time.perf_counter(), 0
-        while n == 0 or time.perf_counter() - t0 < min_seconds:
-            ds.set_epoch(epoch); epoch += 1
-            for b in dl: n += len(b["clip"])
-        t_load = time.perf_counter() - t0
+        rate = _samples_per_s(ClipDataset(d, n_frames=n_frames), batch_size, num_workers, min_seconds)
+        rate_cached = _samples_per_s(ClipDataset(d, n_frames=n_frames, cache=True), batch_size, 0, min_seconds)
     frames = clips * int(round(seconds * FPS))
     res = dict(size=[H, W], seconds=seconds, clips=clips, frames=frames, render_frames_per_s=round(frames / t_render, 1),
                write_frames_per_s=round(frames / t_write, 1), n_frames=n_frames, batch_size=batch_size, num_workers=num_workers,
-               loader_samples_per_s=round(n / t_load, 1), samples_loaded=n, torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+               loader_samples_per_s=round(rate, 1), loader_samples_per_s_cached=round(rate_cached, 1),
+               torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(res, indent=1) + "\n")
     if verbose:
         print(f"render: {res['render_frames_per_s']:.0f} frames/s at {W}x{H} (writing mp4/wav/json: {res['write_frames_per_s']:.0f} frames/s)")
-        print(f"loader: {res['loader_samples_per_s']:.1f} samples/s ({n_frames}-frame windows, batch {batch_size}, {num_workers} workers)")
+        print(f"loader: {res['loader_samples_per_s']:.1f} samples/s decoding mp4 ({num_workers} workers), "
+              f"{res['loader_samples_per_s_cached']:.1f} samples/s with cache=True ({n_frames}-frame windows, batch {batch_size})")
         if json_path is not None: print(f"outputs are in {json_path}")
     return res
