@@ -91,15 +91,15 @@ def read_audio(path:str|Path, sr:int=SR)->np.ndarray:
         wav = librosa.resample(wav, orig_sr=file_sr, target_sr=sr)
     return wav.astype(np.float32)
 
-# %% ../nbs/02_data.ipynb #c950e7cf
+# %% ../nbs/02_data.ipynb #ccfe2828
 def write_pose(path:str|Path, keypoints:np.ndarray, visibility:np.ndarray, size, fps:int=FPS, joints=JOINTS, bones=BONES):
     "Write keypoints `(T, K, 2)` and visibility `(T, K)` as pose.json."
     H, W = parse_size(size)
     check(keypoints.ndim == 3 and keypoints.shape[1:] == (len(joints), 2), "keypoints", f"shape (T, {len(joints)}, 2)", keypoints.shape)
     check(visibility.shape == keypoints.shape[:2], "visibility", f"shape {keypoints.shape[:2]}", visibility.shape)
-    frames = np.concatenate([np.round(keypoints, 2), visibility[..., None].astype(float)], -1)
+    frames = np.concatenate([np.asarray(keypoints, np.float64), visibility[..., None]], -1)
     doc = dict(joints=list(joints), bones=[list(b) for b in bones], width=W, height=H, fps=fps,
-               keypoints=[[[float(x), float(y), int(v)] for x, y, v in f] for f in frames])
+               keypoints=[[[round(x, 2), round(y, 2), int(v)] for x, y, v in f.tolist()] for f in frames])
     Path(path).write_text(json.dumps(doc, separators=(",", ":")))
 
 def read_pose(path:str|Path, joints=JOINTS)->tuple[np.ndarray, np.ndarray]:
