@@ -1,0 +1,46 @@
+"""End-to-end runs of the `omnihuman` console script, as a user types them."""
+import json, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+def omnihuman(*args, cwd=None):
+    "Run the installed console script; return (status, stdout, stderr)."
+    exe = shutil.which("omnihuman")
+    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from omnihuman_nb.cli import main; sys.exit(main())"]
+    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return r.returncode, r.stdout, r.stderr
+
+def test_help_and_version():
+    st, out, _ = omnihuman("--help")
+    assert st == 0 and "usage: omnihuman" in out
+    for group in ("data", "vae", "bench"): assert group in out
+    st, out, _ = omnihuman("--version")
+    assert st == 0 and out.startswith("omnihuman_nb ")
+
+def test_unknown_command_fails():
+    st, _, err = omnihuman("data", "paint")
+    assert st == 2 and "invalid choice" in err
+
+def test_render_then_check(tmp_path):
+    out = tmp_path / "clips"
+    st, o, e = omnihuman("data", "render", "--out", out, "--clips", 3, "--seconds", 0.4, "--seed", 1)
+    assert st == 0, e
+    assert f"outputs are in {out}" in o
+    st, o, e = omnihuman("data", "check", out)
+    assert st == 0, o + e
+    assert "3 of 3 clips good" in o
+
+def test_check_reports_a_broken_clip(tmp_path):
+    out = tmp_path / "clips"
+    assert omnihuman("data", "render", "--out", out, "--clips", 2, "--seconds", 0.4)[0] == 0
+    victim = sorted(p for p in out.iterdir() if p.is_dir())[0]
+    (victim / "video.mp4").write_bytes((victim / "video.mp4").read_bytes()[:200])   # truncate the video
+    st, o, e = omnihuman("data", "check", out)
+    assert st == 1, "a folder with a bad clip must exit 1"
+    assert victim.name in o and "BAD" in o
+
+def test_bad_input_is_one_line(tmp_path):
+    st, o, e = omnihuman("data", "check", tmp_path / "missing")
+    assert st == 2
+    assert e.startswith("error: ") and "Traceback" not in e
