@@ -367,7 +367,7 @@ def usable_clips(root:str|Path, n_frames:int=1, split:str="all")->tuple[list[Pat
         else: good.append(c)
     return good, skipped
 
-# %% ../nbs/02_data.ipynb #7c260c09
+# %% ../nbs/02_data.ipynb #6dcb6267
 class ClipDataset(Dataset):
     "Training samples from a folder of clip folders; broken clips are skipped with a warning."
     def __init__(self, root:str|Path,              # a folder of clip folders (or one clip folder)
@@ -381,14 +381,18 @@ class ClipDataset(Dataset):
                  cache:bool=False):                # keep decoded clips in memory (small datasets, many epochs)
         check(n_frames >= 1 and (n_frames - 1) % 4 == 0, "n_frames", "1 + 4k (1, 5, 9, 13, 17, ...)", n_frames)
         self.root, self.n_frames, self.radius, self.n_mels = Path(root), n_frames, audio_radius, n_mels
-        self.heatmaps, self.sigma, self.seed, self.epoch, self.cache = heatmaps, sigma, seed, 0, cache
+        self.heatmaps, self.sigma, self.seed, self.cache = heatmaps, sigma, seed, cache
+        self._epoch = torch.multiprocessing.Value("i", 0)    # shared memory: persistent DataLoader workers see set_epoch too
         self._frames, self._feats = {}, {}
         self.clips, self.skipped = usable_clips(root, n_frames, split)
         check(len(self.clips) > 0, "dataset", f"at least one usable clip under {root}", f"{len(self.skipped)} skipped" if self.skipped else "none found")
 
     def set_epoch(self, epoch:int):
         "Draw new windows (and references) for `epoch`."
-        self.epoch = int(epoch)
+        self._epoch.value = int(epoch)
+
+    @property
+    def epoch(self)->int: return self._epoch.value
 
     def __len__(self): return len(self.clips)
 
@@ -449,7 +453,7 @@ class ClipDataset(Dataset):
         s.update(clip=c.name, identity=int(m.get("identity_id", -1)), frame_start=t0, ref_index=ref_i)
         return s
 
-# %% ../nbs/02_data.ipynb #6dad8322
+# %% ../nbs/02_data.ipynb #0cba30a6
 _MASKED_BY = {"audio": "has_audio", "pose": "has_pose", "keypoints": "has_pose"}   # batch rows left at zero when the flag is off
 
 def collate_clips(samples:list[dict])->dict:
@@ -475,11 +479,12 @@ def collate_clips(samples:list[dict])->dict:
             else: out[k] = vals
     return out
 
-# %% ../nbs/02_data.ipynb #69def011
+# %% ../nbs/02_data.ipynb #2655162b
 def _samples_per_s(ds, batch_size, num_workers, min_seconds):
     "Samples/s through a DataLoader, whole passes until `min_seconds` have gone by, after a warm-up read."
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate_clips)
-    for i in range(len(ds)): ds[i]                       # warm up: one-off imports (and, cached, the decoding) aren't loading speed
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate_clips,
+                    persistent_workers=num_workers > 0)
+    for b in dl: pass                                    # warm up: worker start, one-off imports (and, cached, decoding) aren't loading speed
     n, t0, epoch = 0, time.perf_counter(), 1
     while n == 0 or time.perf_counter() - t0 < min_seconds:
         ds.set_epoch(epoch); epoch += 1
