@@ -367,7 +367,7 @@ def usable_clips(root:str|Path, n_frames:int=1, split:str="all")->tuple[list[Pat
         else: good.append(c)
     return good, skipped
 
-# %% ../nbs/02_data.ipynb #6dcb6267
+# %% ../nbs/02_data.ipynb #d4f19221
 class ClipDataset(Dataset):
     "Training samples from a folder of clip folders; broken clips are skipped with a warning."
     def __init__(self, root:str|Path,              # a folder of clip folders (or one clip folder)
@@ -382,7 +382,7 @@ class ClipDataset(Dataset):
         check(n_frames >= 1 and (n_frames - 1) % 4 == 0, "n_frames", "1 + 4k (1, 5, 9, 13, 17, ...)", n_frames)
         self.root, self.n_frames, self.radius, self.n_mels = Path(root), n_frames, audio_radius, n_mels
         self.heatmaps, self.sigma, self.seed, self.cache = heatmaps, sigma, seed, cache
-        self._epoch = torch.multiprocessing.Value("i", 0)    # shared memory: persistent DataLoader workers see set_epoch too
+        self._epoch = torch.multiprocessing.Value("i", 0, lock=False)   # shared memory: persistent DataLoader workers see set_epoch too
         self._frames, self._feats = {}, {}
         self.clips, self.skipped = usable_clips(root, n_frames, split)
         check(len(self.clips) > 0, "dataset", f"at least one usable clip under {root}", f"{len(self.skipped)} skipped" if self.skipped else "none found")
@@ -393,6 +393,14 @@ class ClipDataset(Dataset):
 
     @property
     def epoch(self)->int: return self._epoch.value
+
+    def __getstate__(self):   # outside process start-up (deepcopy, pickle), the shared epoch travels as a plain number
+        from multiprocessing.context import get_spawning_popen
+        return self.__dict__ | ({} if get_spawning_popen() is not None else {"_epoch": self._epoch.value})
+
+    def __setstate__(self, st):
+        if isinstance(st["_epoch"], int): st = st | {"_epoch": torch.multiprocessing.Value("i", st["_epoch"], lock=False)}
+        self.__dict__.update(st)
 
     def __len__(self): return len(self.clips)
 

@@ -153,3 +153,14 @@ def test_bench_returns_figures(tmp_path):
     res = bench_data(clips=2, seconds=0.6, n_frames=5, batch_size=2, min_seconds=0.2, json_path=tmp_path / "b.json", verbose=False)
     eq(json.loads((tmp_path / "b.json").read_text()), res)
     assert res["render_frames_per_s"] > 0 and res["loader_samples_per_s"] > 0
+
+@pytest.mark.parametrize("ctx", ["fork", "spawn"])
+def test_persistent_workers_follow_set_epoch(ctx):
+    ds = ClipDataset(SAMPLES / "clips", n_frames=9, heatmaps=False)
+    dl = DataLoader(ds, batch_size=len(ds), num_workers=1, persistent_workers=True, multiprocessing_context=ctx, collate_fn=collate_clips)
+    seen = []
+    for e in range(3):
+        ds.set_epoch(e)
+        seen.append(next(iter(dl))["frame_start"].tolist())
+    eq(seen[2], [ds[i]["frame_start"] for i in range(len(ds))])
+    assert seen[0] != seen[1]
