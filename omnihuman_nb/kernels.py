@@ -12,7 +12,7 @@ __all__ = ['INTERPRET', 'BACKENDS', 'H100_PEAKS', 'LOG2E', 'TOLERANCE_FLOOR', 'd
            'apply_rope_ref', 'default_rope_split', 'rope_3d_table', 'video_positions', 'rope_fwd', 'apply_rope',
            'attention_fwd', 'attention_bwd', 'attention_ref', 'attention_sdpa', 'attention', 'compare_to_reference']
 
-# %% ../nbs/05_kernels.ipynb #1e721a1a
+# %% ../nbs/05_kernels.ipynb #c347caae
 import math, os
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,8 @@ except ImportError:
     triton = tl = _NoTriton()
     HAS_TRITON = False
 
-if HAS_TRITON and not torch.cuda.is_available(): triton.knobs.runtime.interpret = True
+if HAS_TRITON and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "0":   # an explicit 0 keeps compiled kernels
+    triton.knobs.runtime.interpret = True
 INTERPRET = HAS_TRITON and bool(triton.knobs.runtime.interpret)   # kernels run in the interpreter on CPU tensors
 
 # %% ../nbs/05_kernels.ipynb #9bdae126
