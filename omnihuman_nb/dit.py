@@ -8,7 +8,7 @@ __all__ = ['TOKEN_GROUPS', 'TYPE_IDS', 'OPS', 'DEFAULT_BACKENDS', 'CONDITIONS', 
            'rope_split_for', 'timestep_embedding', 'TimestepEmbedder', 'audio_windows', 'latent_frame_groups',
            'AudioProjector', 'PoseGuider', 'resolve_backends', 'StreamWeights', 'AudioCrossAttention', 'BlockInputs',
            'MMDiTBlock', 'valid_key_order', 'default_text_encoder', 'DiTOutput', 'OmniHumanDiT', 'dit_config',
-           'build_dit', 'parameter_counts']
+           'build_dit', 'parameter_counts', 'hunyuan_matched', 'bench_dit']
 
 # %% ../nbs/06_dit.ipynb #7090328a
 import dataclasses, contextlib, json, math, time
@@ -148,7 +148,7 @@ class AudioProjector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear((2 * window + 1) * feat_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden))
     def forward(self, windows): return self.mlp(windows.flatten(2))
 
-# %% ../nbs/06_dit.ipynb #45bda7ef
+# %% ../nbs/06_dit.ipynb #49c67fa2
 class PoseGuider(nn.Module):
     "Heatmaps (B, K, T, H, W) -> pose features (B, out_dim, 1+(T-1)/temporal, H/spatial, W/spatial)."
     def __init__(self,
@@ -160,25 +160,26 @@ class PoseGuider(nn.Module):
                  neighbours:int=1):      # latent frames concatenated on each side
         super().__init__()
         check(spatial >= 1 and spatial & (spatial - 1) == 0, "PoseGuider spatial", "a power of 2", spatial)
-        layers = [nn.Conv2d(keypoints, width, 3, padding=1), nn.SiLU()]
-        for _ in range(int(math.log2(spatial))): layers += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU()]
+        first, c = min(spatial, 4), width // 2
+        layers = [nn.Conv3d(keypoints, c, (1, first, first), stride=(1, first, first)), nn.SiLU()]
+        for _ in range(int(math.log2(spatial // first))): layers += [nn.Conv3d(c, width, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), nn.SiLU()]; c = width
+        layers += [nn.Conv3d(c, width, (1, 3, 3), padding=(0, 1, 1)), nn.SiLU()]
         self.frame = nn.Sequential(*layers)
         self.mix = nn.Conv2d(temporal * width, channels, 1)
-        self.keypoints, self.temporal, self.neighbours = keypoints, temporal, neighbours
+        self.keypoints, self.spatial, self.temporal, self.neighbours = keypoints, spatial, temporal, neighbours
         self.out_dim = (2 * neighbours + 1) * channels
 
     def forward(self, heatmaps:torch.Tensor)->torch.Tensor:
         B, T, H, W = check_shape(heatmaps, ("B", self.keypoints, "T", "H", "W"), "pose heatmaps").values()
-        Kp = self.keypoints
-        f = self.frame(heatmaps.transpose(1, 2).reshape(B * T, Kp, H, W))     # (B T, width, h, w)
-        f = latent_frame_groups(f.reshape(B, T, *f.shape[1:]), self.temporal, "pose heatmaps")  # (B, T', 4, width, h, w)
+        check(H % self.spatial == 0 and W % self.spatial == 0, "pose heatmaps height and width", f"multiples of {self.spatial}", (H, W))
+        f = self.frame(heatmaps).transpose(1, 2)                              # (B, T, width, h, w)
+        f = latent_frame_groups(f, self.temporal, "pose heatmaps")            # (B, T', 4, width, h, w)
         Tl = f.shape[1]
         f = self.mix(f.reshape(B * Tl, -1, *f.shape[-2:]))                    # (B T', channels, h, w)
         f = f.reshape(B, Tl, *f.shape[1:])
         n = self.neighbours
         idx = (torch.arange(Tl, device=f.device)[:, None] + torch.arange(-n, n + 1, device=f.device)).clamp(0, Tl - 1)
-        f = f[:, idx].flatten(2, 3)                                           # (B, T', (2n+1) channels, h, w)
-        return f.transpose(1, 2)
+        return f[:, idx].flatten(2, 3).transpose(1, 2)                        # (B, (2n+1) channels, T', h, w)
 
 # %% ../nbs/06_dit.ipynb #2a0d592c
 OPS = ("norm", "modulate", "rope", "gelu", "attention")
@@ -391,9 +392,9 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
         self.register_to_config(backends=dict(self.backends))
         return self
 
-# %% ../nbs/06_dit.ipynb #7f8c0517
+# %% ../nbs/06_dit.ipynb #cb453564
 def _switches(self, B:int, device, given:dict, condition_mask:dict|None)->dict:
-    "condition -> None (absent) or a (B,) bool tensor of the samples where it counts."
+    "condition -> None (absent), True (on for all samples) or a (B,) bool tensor of the samples where it counts."
     masks = dict(condition_mask or {})
     unknown = sorted(set(masks) - set(CONDITIONS))
     if unknown: raise BadInputError("condition_mask keys", f"some of {CONDITIONS}", unknown)
@@ -407,7 +408,7 @@ def _switches(self, B:int, device, given:dict, condition_mask:dict|None)->dict:
     for name in CONDITIONS:
         m, val = masks.get(name), given[name]
         if m is None:
-            out[name] = None if val is None else torch.ones(B, dtype=torch.bool, device=device)
+            out[name] = None if val is None else True
             continue
         m = torch.as_tensor(m, device=device).bool().reshape(-1)
         check(m.shape == (B,), f"condition_mask['{name}']", f"one bool per sample, shape ({B},)", tuple(m.shape))
@@ -420,7 +421,7 @@ def _switches(self, B:int, device, given:dict, condition_mask:dict|None)->dict:
 
 OmniHumanDiT._switches = _switches
 
-# %% ../nbs/06_dit.ipynb #63ed54d2
+# %% ../nbs/06_dit.ipynb #fa7c783c
 def _video_tokens(self, latents, ref, motion, pose, on):
     "The video stream `ref | motion | noisy` (B, Nv, hidden) and its layout (without text)."
     cfg, (pt, ph, pw) = self.config, self.patch
@@ -435,7 +436,7 @@ def _video_tokens(self, latents, ref, motion, pose, on):
         check(tuple(pose.shape[2:]) == want and pose.shape[0] == B, "pose heatmaps (frames, height, width)",
               f"{want} for latents with {T} frames of {H}x{W}", tuple(pose.shape[2:]), hint="Pose heatmaps come one per video frame, at video resolution.")
         pf = self.pose_embed(patchify(self.pose_guider(pose), self.patch, "pose features"))
-        x = x + torch.where(on["pose"][:, None, None], pf, torch.zeros_like(pf))
+        x = x + (pf if on["pose"] is True else torch.where(on["pose"][:, None, None], pf, torch.zeros_like(pf)))
     parts, n = [], {}
     for name, lat in (("ref", ref), ("motion", motion)):
         n[name] = 0
@@ -448,7 +449,7 @@ def _video_tokens(self, latents, ref, motion, pose, on):
 
 OmniHumanDiT._video_tokens = _video_tokens
 
-# %% ../nbs/06_dit.ipynb #6deae0f7
+# %% ../nbs/06_dit.ipynb #1c0b43ba
 def _text_tokens(self, text, text_lens, on, B, device, dtype):
     "(text stream (B, L, hidden), valid (B, L) bool, pooled text (B, text_dim))."
     cfg = self.config
@@ -459,7 +460,8 @@ def _text_tokens(self, text, text_lens, on, B, device, dtype):
     if text_lens is None: text_lens = torch.full((B,), L, device=device)
     text_lens = torch.as_tensor(text_lens, device=device)
     check(text_lens.shape == (B,) and not text_lens.is_floating_point(), "text_lens", f"{B} integers", tuple(text_lens.shape))
-    valid = (torch.arange(L, device=device)[None] < text_lens[:, None]) & on["text"][:, None]
+    valid = torch.arange(L, device=device)[None] < text_lens[:, None]
+    if on["text"] is not True: valid = valid & on["text"][:, None]
     pooled = torch.where(valid[..., None], text, torch.zeros_like(text)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
     return self.text_in(text), valid, pooled
 
@@ -479,7 +481,7 @@ def _audio_tokens(self, audio, B, T):
 
 OmniHumanDiT._audio_tokens = _audio_tokens
 
-# %% ../nbs/06_dit.ipynb #4bd998bc
+# %% ../nbs/06_dit.ipynb #beb5a297
 def _forward(self,
              latents:torch.Tensor,                 # (B, C, T', H, W) noisy latents x_t
              timestep:torch.Tensor|float,          # (B,) or scalar, t in [0, 1] (1: pure noise)
@@ -500,12 +502,14 @@ def _forward(self,
     lay.n_text = xt.shape[1]
     t = torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1).expand(B)
     c = F.silu(self.t_embed(t).to(xv.dtype) + self.pooled_in(pooled))
-    valid = torch.cat([tvalid] + [on[g][:, None].expand(B, lay.counts[g]) for g in ("ref", "motion") if lay.counts[g]]
+    per_group = lambda g: torch.ones(B, lay.counts[g], dtype=torch.bool, device=device) if on[g] is True else on[g][:, None].expand(B, lay.counts[g])
+    valid = torch.cat([tvalid] + [per_group(g) for g in ("ref", "motion") if lay.counts[g]]
                       + [torch.ones(B, lay.n_noisy, dtype=torch.bool, device=device)], 1)
     order, kv_lens = valid_key_order(valid)
     cos, sin = K.rope_3d_table(stream_positions(lay).to(device), self.config.hidden_size // self.config.num_heads, self.rope_split, self.config.rope_theta)
     au = self._audio_tokens(audio, B, latents.shape[2]) if on["audio"] is not None else None
-    ctx = BlockInputs(cos, sin, order, kv_lens, au, on["audio"], lay.n_ref + lay.n_motion, self.backends, self.config.eps)
+    audio_on = None if on["audio"] is True else on["audio"]
+    ctx = BlockInputs(cos, sin, order, kv_lens, au, audio_on, lay.n_ref + lay.n_motion, self.backends, self.config.eps)
     for blk in self.blocks:
         if torch.is_grad_enabled() and self.gradient_checkpointing: xt, xv = self._gradient_checkpointing_func(blk, xt, xv, c, ctx)
         else: xt, xv = blk(xt, xv, c, ctx)
@@ -549,3 +553,141 @@ def parameter_counts(names=tuple(DIT_CONFIGS))->dict:
         audio, pose = in_blocks + count([m.audio_proj]), count([m.pose_guider, m.pose_embed])
         out[n] = dict(total=total, blocks=blocks, audio=audio, pose=pose, rest=total - blocks - audio - pose)
     return out
+
+# %% ../nbs/06_dit.ipynb #1e682c90
+def _bench_batch(model, batch, frames, size, text_tokens, seed=0):
+    "Classroom inputs with every condition on, for `model`'s config."
+    cfg, g = model.config, torch.Generator().manual_seed(seed)
+    T, h = 1 + (frames - 1) // cfg.vae_temporal, size // cfg.vae_spatial
+    r = lambda *s: torch.randn(*s, generator=g)
+    return dict(latents=r(batch, cfg.in_channels, T, h, h), timestep=torch.rand(batch, generator=g), text=r(batch, text_tokens, cfg.text_dim),
+                ref=r(batch, cfg.in_channels, 1, h, h), motion=r(batch, cfg.in_channels, 2, h, h),
+                audio=r(batch, frames, 2 * cfg.audio_window + 1, cfg.audio_dim), pose=torch.rand(batch, cfg.pose_keypoints, frames, size, size, generator=g))
+
+def hunyuan_matched(ours:OmniHumanDiT, tolerance:float=0.15):
+    "diffusers' HunyuanVideoTransformer3DModel with our width and head size, block counts picked to match our parameter count."
+    from diffusers import HunyuanVideoTransformer3DModel
+    cfg, n_ours = ours.config, sum(p.numel() for p in ours.parameters())
+    best = None
+    for dual in range(1, cfg.num_layers + 2):
+        for single in range(0, cfg.num_layers + 1):
+            kw = dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+                      num_layers=dual, num_single_layers=single, num_refiner_layers=1, mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size[1],
+                      patch_size_t=cfg.patch_size[0], guidance_embeds=False, text_embed_dim=cfg.text_dim, pooled_projection_dim=cfg.text_dim,
+                      rope_axes_dim=tuple(cfg.rope_split))
+            with torch.device("meta"): n = sum(p.numel() for p in HunyuanVideoTransformer3DModel(**kw).parameters())
+            if best is None or abs(n - n_ours) < abs(best[1] - n_ours): best = (kw, n)
+    kw, n = best
+    check(abs(n / n_ours - 1) <= tolerance, "matched HunyuanVideo parameter count", f"within {tolerance:.0%} of {n_ours}", n)
+    return HunyuanVideoTransformer3DModel(**kw), kw
+
+# %% ../nbs/06_dit.ipynb #e556a600
+_SPLIT_OPS = {"attention": ("attention",), "norms": ("rms_norm", "modulated_layer_norm", "gated_residual", "residual_modulated_layer_norm")}
+
+@contextlib.contextmanager
+def _recording(calls:list):
+    "Record (category, function, args, kwargs) of every attention, norm and MLP call made inside the block."
+    saved = {n: getattr(K, n) for ns in _SPLIT_OPS.values() for n in ns}
+    def wrap(cat, fn):
+        def rec(*a, **kw):
+            calls.append((cat, fn, a, kw))
+            return fn(*a, **kw)
+        return rec
+    for cat, names in _SPLIT_OPS.items():
+        for n in names: setattr(K, n, wrap(cat, saved[n]))
+    mlp = StreamWeights.mlp
+    def rec_mlp(self, h, bk):
+        calls.append(("mlp", mlp, (self, h, bk), {}))
+        return mlp(self, h, bk)
+    StreamWeights.mlp = rec_mlp
+    try: yield calls
+    finally:
+        for n, fn in saved.items(): setattr(K, n, fn)
+        StreamWeights.mlp = mlp
+
+def _replay(calls:list)->dict:
+    "Seconds per category to re-run each recorded call alone, forward and backward."
+    out = defaultdict(float)
+    for cat, fn, a, kw in calls:
+        args = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in a]
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            res = fn(*args, **kw)
+            sum(r.sum() for r in (res if isinstance(res, tuple) else (res,))).backward()
+        out[cat] += time.perf_counter() - t0
+    return out
+
+def _train_step(model, inputs, target)->tuple:
+    "(wall seconds, this thread's CPU seconds) for zero_grad, forward, MSE loss and backward."
+    t0, c0 = time.perf_counter(), time.thread_time()
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad(): F.mse_loss(model(**inputs).sample, target).backward()
+    return time.perf_counter() - t0, time.thread_time() - c0
+
+# %% ../nbs/06_dit.ipynb #5addda0f
+def bench_dit(json_path=None,            # also write the result here as JSON
+              config:str="classroom",    # our named config
+              batch:int=2,               # clips per step
+              frames:int=17,             # video frames per clip (1 + 4k)
+              size:int=64,               # video height and width in pixels
+              text_tokens:int=20,        # caption tokens
+              steps:int=10,              # timed steps per model, alternating
+              warmup:int=2,              # untimed steps per model first
+              threads:int|None=1,        # torch CPU threads during the bench (None: leave as is)
+              seed:int=0)->dict:
+    "Time a training step of our DiT against diffusers' HunyuanVideo transformer (matched parameters and tokens) on the CPU."
+    from tqdm.auto import tqdm
+    import statistics
+    old_threads = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        ours = build_dit(config).train()
+        theirs, theirs_kw = hunyuan_matched(ours)
+        theirs.train()
+        x = _bench_batch(ours, batch, frames, size, text_tokens, seed)
+        bare = {k: v for k, v in x.items() if k not in ("audio", "pose")}     # the backbone: text, reference, motion
+        with torch.no_grad(): lay = ours(**x).layout
+        cfg = ours.config
+        per_frame = lay.n_noisy // lay.grid[0]
+        y = dict(hidden_states=torch.randn(batch, cfg.in_channels, (lay.n - lay.n_text) // per_frame, *x["latents"].shape[-2:]),
+                 timestep=torch.randint(0, 1000, (batch,)), encoder_hidden_states=x["text"],
+                 encoder_attention_mask=torch.ones(batch, text_tokens, dtype=torch.long), pooled_projections=torch.randn(batch, cfg.text_dim))
+        tx, ty = torch.randn_like(x["latents"]), torch.randn_like(y["hidden_states"])
+        runs = {"ours": (ours, x, tx), "ours_backbone": (ours, bare, tx), "theirs": (theirs, y, ty)}
+        for _ in range(warmup):
+            for m, i, t in runs.values(): _train_step(m, i, t)
+        times = {k: [] for k in runs}
+        for _ in tqdm(range(steps), desc="bench dit (ours | ours, backbone only | diffusers)"):
+            for k, (m, i, t) in runs.items(): times[k].append(_train_step(m, i, t))
+        with _recording([]) as calls: _train_step(ours, x, tx)
+        split = dict(_replay(calls))
+    finally: torch.set_num_threads(old_threads)
+    wall = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
+    cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
+    split_ms = {k: 1e3 * split.get(k, 0.0) for k in ("attention", "mlp", "norms")}
+    split_ms["rest"] = max(1e3 * wall["ours"] - sum(split_ms.values()), 0.0)
+    n_o, n_t = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in theirs.parameters())
+    res = dict(device="cpu", threads=threads or old_threads, config=config, batch=batch, frames=frames, size=size, steps=steps,
+               tokens=dict(ours=lay.n, theirs=y["hidden_states"].shape[2] * per_frame + text_tokens, layout=lay.counts),
+               params=dict(ours=n_o, theirs=n_t, ratio=n_o / n_t), theirs_config={k: list(v) if isinstance(v, tuple) else v for k, v in theirs_kw.items()},
+               median_ms={k: 1e3 * v for k, v in wall.items()}, median_cpu_ms={k: 1e3 * v for k, v in cpu.items()},
+               step_ms={k: [1e3 * t[0] for t in v] for k, v in times.items()},
+               step_ratio=wall["ours"] / wall["theirs"], step_ratio_cpu=cpu["ours"] / cpu["theirs"],
+               step_ratio_backbone=wall["ours_backbone"] / wall["theirs"],
+               split_ms=split_ms, split={k: v / max(sum(split_ms.values()), 1e-9) for k, v in split_ms.items()},
+               parameter_counts=parameter_counts())
+    print(f"{'model':<44}{'params':>12}{'tokens':>8}{'median step':>14}")
+    print(f"{'OmniHumanDiT ' + config + ', every condition':<44}{n_o:>12,}{res['tokens']['ours']:>8}{1e3 * wall['ours']:>11.1f} ms")
+    print(f"{'OmniHumanDiT ' + config + ', no audio or pose':<44}{n_o:>12,}{res['tokens']['ours']:>8}{1e3 * wall['ours_backbone']:>11.1f} ms")
+    print(f"{'diffusers HunyuanVideoTransformer3DModel':<44}{n_t:>12,}{res['tokens']['theirs']:>8}{1e3 * wall['theirs']:>11.1f} ms")
+    print(f"step_ratio (ours / diffusers, median of {steps}): {res['step_ratio']:.2f} wall, {res['step_ratio_cpu']:.2f} CPU time; "
+          f"backbone only {res['step_ratio_backbone']:.2f}")
+    print("our step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in res["split"].items()))
+    print("parameters: " + ", ".join(f"{k} {v['total'] / 1e6:.1f} M" for k, v in res["parameter_counts"].items()))
+    if json_path is not None:
+        p = __import__("pathlib").Path(json_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"outputs are in {p}")
+    return res
