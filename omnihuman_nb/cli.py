@@ -66,7 +66,7 @@ def command_parser(cmd:Command, prog:str="omnihuman")->argparse.ArgumentParser:
         p.add_argument(a.flag, dest=a.dest, help=h, **kw)
     return p
 
-# %% ../nbs/14_cli.ipynb #da15634a
+# %% ../nbs/14_cli.ipynb #f9d76598
 def _bad_clips_status(r): return 1 if r.get("n_bad") else 0
 
 COMMANDS = [
@@ -111,6 +111,12 @@ COMMANDS = [
         Arg("--json", "json_path", help="also write the figures to this JSON file", kw=dict(type=str)),
         Arg("--repeats", help="timed rounds (medians are reported)"),
         Arg("--threads", help="torch CPU threads", kw=dict(type=int))]),
+    Command("bench", "dit", "One training step of our DiT against diffusers' HunyuanVideo transformer at matched size",
+            "omnihuman_nb.dit:bench_dit", [
+        Arg("--json", "json_path", help="also write the figures to this JSON file", kw=dict(type=str)),
+        Arg("--config", help="named DiT config"),
+        Arg("--steps", help="timed steps per model (medians are reported)"),
+        Arg("--threads", help="torch CPU threads")]),
 ]
 
 # %% ../nbs/14_cli.ipynb #70ecdc24
