@@ -118,14 +118,14 @@ SCRIPT = """
 import sys, torch
 from omnihuman_nb.trainer import train, train_config
 cfg = train_config("classroom", batch_size=1, checkpoint_every=100, dit_overrides=dict(num_layers=1, hidden_size=32, num_heads=2))
-train(sys.argv[1], sys.argv[2], sys.argv[3], stages="1", steps_per_stage=2, config=cfg, verbose=False)
+train(sys.argv[1], sys.argv[2], sys.argv[3], stages="1", steps_per_stage=2, config=cfg, cache_dir=sys.argv[4], verbose=False)
 """
 
-def test_two_processes_gloo(vae_dir, tmp_path):
+def test_two_processes_gloo(vae_dir, cache, tmp_path):
     (tmp_path / "ddp.py").write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "ddp.py"),
-           str(CLIPS), str(vae_dir), str(tmp_path / "out")]
+           str(CLIPS), str(vae_dir), str(tmp_path / "out"), str(cache)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     r = [json.loads((tmp_path / "out" / f"rank{i}.json").read_text()) for i in (0, 1)]
