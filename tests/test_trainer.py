@@ -132,3 +132,30 @@ def test_two_processes_gloo(vae_dir, cache, tmp_path):
     eq(r[0]["weights_sha"], r[1]["weights_sha"])                      # DDP kept the replicas identical
     assert not set(r[0]["seen"][:2]) & set(r[1]["seen"][:2])           # each rank drew different clips
     eq(json.loads((tmp_path / "out" / "summary.json").read_text())["world_size"], 2)
+
+STOP_SCRIPT = """
+import sys, json, torch
+torch.set_num_threads(1)
+from omnihuman_nb.trainer import train, train_config
+cfg = train_config("classroom", batch_size=1, checkpoint_every=1000, dit_overrides=dict(num_layers=1, hidden_size=32, num_heads=2))
+r = train(sys.argv[1], sys.argv[2], sys.argv[3], stages="1", steps_per_stage=100000, config=cfg, cache_dir=sys.argv[4], verbose=False)
+print("RESULT", json.dumps(dict(interrupted=r["interrupted"], steps=r["steps"], checkpoint=r["checkpoint"])))
+"""
+
+def test_sigterm_saves_and_exits(vae_dir, cache, tmp_path):
+    import time
+    (tmp_path / "stop.py").write_text(STOP_SCRIPT)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, str(tmp_path / "stop.py"), str(CLIPS), str(vae_dir), str(out), str(cache)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = time.time()
+    while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 2):
+        assert p.poll() is None and time.time() - t0 < 120, p.stderr.read()[-2000:] if p.poll() is not None else "timeout"
+        time.sleep(0.2)
+    p.send_signal(15)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr[-2000:]
+    r = json.loads(stdout.split("RESULT", 1)[1])
+    assert r["interrupted"] and r["steps"] >= 2
+    ck = latest_checkpoint(out)
+    eq(json.loads((ck / "trainer_state.json").read_text())["step"], r["steps"])   # the checkpoint holds the last step
