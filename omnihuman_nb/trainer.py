@@ -221,7 +221,7 @@ class LatentClips:
             ref = self.vae.normalize(self.vae.encode(x[:, :, -1:]).mode())[0, :, 0].float().cpu()
         return z[:, start:start + n_lat], z[:, s:start], ref[:, None]
 
-# %% ../nbs/09_trainer.ipynb #ddfcccab
+# %% ../nbs/09_trainer.ipynb #217de138
 @dataclasses.dataclass
 class Pick:
     "One training sample: which clip, which window, which reference frame, and which conditions are on."
@@ -240,7 +240,7 @@ def draw_pick(rng:np.random.Generator, clip:int, info:dict, stage:StageConfig, c
     lo = m if motion else 0
     start = lo + int(us * (L - Tw - lo + 1))
     v0, v1 = 4 * start, 4 * (start + Tw - 1)                 # the window's video frames (audio and pose)
-    outside = [f for f in range(info["n_frames"]) if f < v0 or f > v1]
+    outside = [f for f in range(1 + 4 * (L - 1)) if f < v0 or f > v1]   # the frames the VAE encoded (1 + 4k)
     pool = outside or list(range(v0, v1 + 1))
     return Pick(clip, start, pool[int(ur * len(pool))], active_set(info["has"], stage, u), motion)
 
@@ -448,7 +448,7 @@ def _prepare_out(out:Path, resume:bool, cfg:TrainConfig, run_info:dict)->Path|No
           hint="Resume with the config, stages and VAE of the original run, or start a new --out.")
     return ckpt
 
-# %% ../nbs/09_trainer.ipynb #cfa37e58
+# %% ../nbs/09_trainer.ipynb #e9f9c42a
 def train(data_dir,                          # folder of clip folders (see chapter 02)
           vae_dir,                           # a trained CausalVAE folder (train_vae's OUT or OUT/vae)
           out_dir,                           # where checkpoints, logs, curves and the latent cache go
@@ -514,6 +514,7 @@ def train(data_dir,                          # folder of clip folders (see chapt
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_json(out / "train_config.json")
+        if ckpt is None: log_path.unlink(missing_ok=True)   # rows of a run that died before its first checkpoint
     # --- the loop ---------------------------------------------------------------------------------
     n_total = None if minutes_per_stage else cfg.steps_per_stage * len(order)
     pbar = tqdm(total=n_total, initial=state["step"], disable=not (verbose and main), desc="training")

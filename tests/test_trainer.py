@@ -96,6 +96,7 @@ def test_active_set_frequencies():
     assert abs(np.mean([p.motion for p in picks]) - st.motion_share) < 0.03
     for p in picks:                                                    # windows fit; motion frames sit before them
         assert 0 <= p.start and p.start + cfg.window_latents <= 13 and (not p.motion or p.start >= cfg.motion_latents)
+        assert 0 <= p.ref_frame < 49                                   # 50 frames: the VAE encodes the first 1 + 4k = 49
 
 def test_sample_order_epochs_and_ranks():
     cfg = TrainConfig(batch_size=3)
