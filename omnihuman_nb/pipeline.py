@@ -5,9 +5,8 @@
 # %% auto #0
 __all__ = ['COMPONENTS', 'TINY', 'ANNEAL', 'TextEncoderModel', 'AudioFeatureExtractor', 'fit_box', 'fit_image', 'load_reference',
            'load_wav', 'fit_wav', 'load_pose', 'Segment', 'plan_segments', 'OmniHumanOutput', 'OmniHumanPipeline',
-           'build_pipeline', 'perturb_weights', 'encode_frames', 'decode_latents', 'cfg_schedule', 'GenerationPlan',
-           'prepare', 'dit_velocity', 'separate_velocity', 'sample_latents', 'iter_segments', 'plan_info', 'export_mp4',
-           'generate', 'bench_sample']
+           'build_pipeline', 'perturb_weights', 'cfg_schedule', 'GenerationPlan', 'dit_velocity', 'separate_velocity',
+           'plan_info', 'export_mp4', 'generate', 'bench_sample']
 
 # %% ../nbs/10_pipeline.ipynb #c9e61f5e
 import dataclasses, json, math, os, statistics, tempfile, time
@@ -166,7 +165,7 @@ def plan_segments(n_frames:int,          # frames the video needs
         start += out[-1].keep
     return out
 
-# %% ../nbs/10_pipeline.ipynb #2b6f3f5b
+# %% ../nbs/10_pipeline.ipynb #3dd09662
 COMPONENTS = ("vae", "transformer", "text_encoder", "audio_features", "scheduler")
 
 @dataclasses.dataclass
@@ -186,10 +185,11 @@ class OmniHumanPipeline(DiffusionPipeline):
                  width:int=64,              # video width
                  segment_frames:int=49,     # frames per segment (1 + 4k), as in training
                  motion_frames:int=5,       # frames of the previous segment each next segment sees (1 + 4k)
+                 decode_chunk:int=4,        # latent frames decoded at a time: bounds memory within a segment; any value gives the same frames
                  shift:float|None=None):    # time shift; None: from the token count (`flow.shift_for_tokens`)
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, audio_features=audio_features, scheduler=scheduler)
-        self.register_to_config(height=height, width=width, segment_frames=segment_frames, motion_frames=motion_frames, shift=shift)
+        self.register_to_config(height=height, width=width, segment_frames=segment_frames, motion_frames=motion_frames, decode_chunk=decode_chunk, shift=shift)
         vc, tc = vae.config, transformer.config
         check(vc.latent_channels == tc.in_channels, "transformer in_channels", f"the VAE's latent_channels {vc.latent_channels}", tc.in_channels)
         check((vc.spatial_compression, vc.temporal_compression) == (tc.vae_spatial, tc.vae_temporal), "transformer vae_spatial/vae_temporal",
@@ -242,7 +242,7 @@ def perturb_weights(model:torch.nn.Module, std:float=0.05, seed:int=0)->torch.nn
         for p in model.parameters(): p.add_(torch.randn(p.shape, generator=g) * std)
     return model
 
-# %% ../nbs/10_pipeline.ipynb #3381c0d0
+# %% ../nbs/10_pipeline.ipynb #75fc30d9
 def _to_video(frames:np.ndarray)->torch.Tensor:
     "(n, H, W, 3) uint8 -> (1, 3, n, H, W) float in [-1, 1]."
     return torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
@@ -252,16 +252,16 @@ def _to_frames(video:torch.Tensor)->np.ndarray:
     return ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 @torch.no_grad()
-def encode_frames(self, frames:np.ndarray)->torch.Tensor:
+def _encode_frames(self, frames:np.ndarray)->torch.Tensor:
     "(n, H, W, 3) uint8 frames (n = 1 + 4k) -> the DiT's normalised latents (1, C, 1 + k, H/8, W/8): the posterior mean."
     return self.vae.normalize(self.vae.encode(_to_video(frames).to(self.device)).mode())
 
 @torch.no_grad()
-def decode_latents(self, z:torch.Tensor, chunk:int=1)->Iterator[np.ndarray]:
+def _decode_latents(self, z:torch.Tensor, chunk:int=1)->Iterator[np.ndarray]:
     "Normalised latents (1, C, T', h, w) -> uint8 frame chunks, `chunk` latent frames at a time (memory flat in T')."
     for v in self.vae.decode_stream(self.vae.denormalize(z), chunk): yield _to_frames(v)
 
-OmniHumanPipeline.encode_frames, OmniHumanPipeline.decode_latents = encode_frames, decode_latents
+OmniHumanPipeline.encode_frames, OmniHumanPipeline.decode_latents = _encode_frames, _decode_latents
 
 # %% ../nbs/10_pipeline.ipynb #0a3a3c1a
 ANNEAL = ("linear", "cosine", "none")
@@ -308,8 +308,8 @@ def _frame_count(seconds, frames, wav, pose_len):
     if pose_len is not None: return pose_len
     raise BadInputError("duration", "seconds=..., frames=..., or audio or pose to take it from", None)
 
-# %% ../nbs/10_pipeline.ipynb #fe1b5a1c
-def prepare(self, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
+# %% ../nbs/10_pipeline.ipynb #8438b980
+def _prepare(self, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
             steps:int=20, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0, sampler:str="euler",
             height:int|None=None, width:int|None=None)->GenerationPlan:
     "Check and load every input, apply the activation rule and the size policy; no sampling yet."
@@ -341,7 +341,7 @@ def prepare(self, ref_image, audio=None, text:str|None=None, pose=None, seconds:
                           cfg_schedule(cfg_audio if given["audio"] else 1.0, kind), cfg_schedule(cfg_text if given["text"] else 1.0, kind),
                           steps, int(seed), sampler)
 
-OmniHumanPipeline.prepare = prepare
+OmniHumanPipeline.prepare = _prepare
 
 # %% ../nbs/10_pipeline.ipynb #cebf6e2b
 def dit_velocity(dit:OmniHumanDiT, cond:dict)->Callable:
@@ -365,8 +365,8 @@ def separate_velocity(velocity:Callable, x:torch.Tensor, t:torch.Tensor, s_audio
     v_0 = velocity(x, t, off, off) if s_text != 1 else v_t
     return v_0 + s_text * (v_t - v_0) + s_audio * (v_ta - v_t)
 
-# %% ../nbs/10_pipeline.ipynb #7697ff96
-def sample_latents(self, velocity:Callable,         # velocity(x, t, audio_on, text_on)
+# %% ../nbs/10_pipeline.ipynb #dddeb4eb
+def _sample_latents(self, velocity:Callable,         # velocity(x, t, audio_on, text_on)
                    noise:torch.Tensor,              # x at t = 1
                    times:torch.Tensor,              # `flow.sampling_times`, already shifted
                    audio_cfg:GuidanceSchedule, text_cfg:GuidanceSchedule,
@@ -387,7 +387,7 @@ def sample_latents(self, velocity:Callable,         # velocity(x, t, audio_on, t
         if callback is not None: callback(i, sch.sigmas[i + 1], x)
     return x
 
-OmniHumanPipeline.sample_latents = sample_latents
+OmniHumanPipeline.sample_latents = _sample_latents
 
 # %% ../nbs/10_pipeline.ipynb #920cfc7e
 def _nan_check(x, step, steps, seg, n_seg):
@@ -396,9 +396,9 @@ def _nan_check(x, step, steps, seg, n_seg):
                             f"{int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf",
                             hint="Sampling stopped there. The model produces non-finite velocities: check the checkpoint, or lower the CFG scales.")
 
-# %% ../nbs/10_pipeline.ipynb #827b39b1
+# %% ../nbs/10_pipeline.ipynb #a2fac387
 @torch.no_grad()
-def iter_segments(self, plan:GenerationPlan,
+def _iter_segments(self, plan:GenerationPlan,
                   callback:Callable|None=None   # callback(dict(segment, segments, step, steps, t)) after every step
                  )->Iterator[tuple[Segment, np.ndarray]]:
     "Generate the plan segment by segment, yielding (segment, its kept uint8 frames); only one segment lives in memory."
@@ -422,10 +422,10 @@ def iter_segments(self, plan:GenerationPlan,
             _nan_check(x, i, plan.steps, seg.index, n_seg)
             if callback is not None: callback(dict(segment=seg.index, segments=n_seg, step=i, steps=plan.steps, t=float(t)))
         z = self.sample_latents(dit_velocity(dit, cond), noise, times, plan.audio_cfg, plan.text_cfg, plan.sampler, cb)
-        prev = np.concatenate(list(self.decode_latents(z)))
+        prev = np.concatenate(list(self.decode_latents(z, self.config.decode_chunk)))
         yield seg, prev[:seg.keep]
 
-OmniHumanPipeline.iter_segments = iter_segments
+OmniHumanPipeline.iter_segments = _iter_segments
 
 # %% ../nbs/10_pipeline.ipynb #8217ea18
 def _call(self, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
@@ -543,7 +543,7 @@ def generate(model_dir:str|Path,            # a folder written by OmniHumanPipel
     print(f"outputs are in {path}")
     return res
 
-# %% ../nbs/10_pipeline.ipynb #bbe40278
+# %% ../nbs/10_pipeline.ipynb #7bea5549
 def _bench_inputs(size, seconds, seed):
     "A synthetic reference (a gradient with a disc) and speech-like audio: content does not change the cost."
     yy, xx = np.mgrid[:size, :size] / size
@@ -565,6 +565,7 @@ def bench_sample(json_path:str|Path|None=None,   # also write the result here as
     if threads: torch.set_num_threads(threads)
     try:
         pipe = build_pipeline("classroom", height=size, width=size, seed=seed)
+        perturb_weights(pipe.transformer, seed=seed)    # untrained weights answer zero; jittered ones make the agreement check mean something
         ref, wav = _bench_inputs(size, seconds, seed)
         kw = dict(audio=wav, text="a person talking", seconds=seconds, steps=steps, cfg_audio=3.0, cfg_text=2.0, seed=seed)
         pipe(ref, **{**kw, "seconds": 0.2, "steps": 1})                          # warm-up
