@@ -12,7 +12,7 @@ from typing import Any, Callable
 from . import __version__
 from .core import BadInputError
 
-# %% ../nbs/14_cli.ipynb #edd999db
+# %% ../nbs/14_cli.ipynb #7368bd72
 @dataclass
 class Arg:
     "One command-line flag (or positional) that fills one parameter of the command's function."
@@ -27,8 +27,8 @@ class Arg:
 @dataclass
 class Command:
     "A subcommand: the function it calls, its flags, and how its result becomes an exit status."
-    group: str                # "data" in `omnihuman data render`
-    name: str                 # "render"
+    group: str                # "data" in `omnihuman data render`, or "train" in `omnihuman train`
+    name: str|None            # "render"; None for a command that stands alone (`omnihuman train`)
     help: str                 # one line for the listing
     target: str               # "omnihuman_nb.data:render_dataset"
     args: list = field(default_factory=list)   # of Arg
@@ -38,7 +38,7 @@ class Command:
         mod, fn = self.target.split(":")
         return getattr(importlib.import_module(mod), fn)
 
-# %% ../nbs/14_cli.ipynb #182aff54
+# %% ../nbs/14_cli.ipynb #c17ce2a1
 def _fmt_default(d):
     return d if not isinstance(d, float) else f"{d:.4g}"
 
@@ -46,7 +46,8 @@ def command_parser(cmd:Command, prog:str="omnihuman")->argparse.ArgumentParser:
     "The parser for one command, with defaults and types read from its function's signature."
     fn = cmd.function()
     sig = inspect.signature(fn)
-    p = argparse.ArgumentParser(prog=f"{prog} {cmd.group} {cmd.name}", description=f"{cmd.help}.")
+    words = " ".join(w for w in (prog, cmd.group, cmd.name) if w)
+    p = argparse.ArgumentParser(prog=words, description=f"{cmd.help}.")
     for a in cmd.args:
         par = sig.parameters.get(a.dest)
         if par is None: raise TypeError(f"{cmd.target} has no parameter {a.dest!r} for {a.flag}")
@@ -60,13 +61,13 @@ def command_parser(cmd:Command, prog:str="omnihuman")->argparse.ArgumentParser:
                 kw["action"] = argparse.BooleanOptionalAction
             elif default is not None and "type" not in kw and "action" not in kw:
                 kw["type"] = type(default)
-        if kw.get("action") is None: kw.setdefault("metavar", a.flag.lstrip("-").upper().replace("-", "_"))
+        if kw.get("action") is None and "choices" not in kw: kw.setdefault("metavar", a.flag.lstrip("-").upper().replace("-", "_"))
         h = a.help + ("" if default is inspect.Parameter.empty or default is None or isinstance(default, bool)
                       else f" (default: {_fmt_default(default)})")
         p.add_argument(a.flag, dest=a.dest, help=h, **kw)
     return p
 
-# %% ../nbs/14_cli.ipynb #f9d76598
+# %% ../nbs/14_cli.ipynb #e7b30fa8
 def _bad_clips_status(r): return 1 if r.get("n_bad") else 0
 
 COMMANDS = [
@@ -97,6 +98,43 @@ COMMANDS = [
         Arg("--out", "out_path", help="where the reconstructed mp4 goes"),
         Arg("--meta", help="metadata JSON with the mouth box (default: the clip's meta.json)", kw=dict(type=str)),
         Arg("--chunk", help="latent frames per streaming chunk")]),
+    Command("train", None, "Omni-conditions training of the DiT, stage by stage, on a folder of clips", "omnihuman_nb.trainer:train", [
+        Arg("--data", "data_dir", help="folder of clips"),
+        Arg("--vae", "vae_dir", help="a trained VAE folder"),
+        Arg("--out", "out_dir", help="folder for checkpoints, logs and the trained model"),
+        Arg("--stages", help="which stages to run, in order"),
+        Arg("--steps-per-stage", help="steps in each stage", kw=dict(type=int)),
+        Arg("--minutes-per-stage", help="minutes in each stage", kw=dict(type=float)),
+        Arg("--config", help="named training config (classroom) or a TrainConfig JSON file"),
+        Arg("--resume", help="continue from the last checkpoint in OUT"),
+        Arg("--cache", help="cache VAE latents on disk (--no-cache encodes every step)"),
+        Arg("--device", help="auto, cpu or cuda")]),
+    Command("generate", None, "Generate a video of the reference person, driven by audio, text and pose", "omnihuman_nb.pipeline:generate", [
+        Arg("--model", "model_dir", help="a pipeline folder (from training, or save_pretrained)"),
+        Arg("--ref", help="the reference image"),
+        Arg("--audio", help="a wav that drives the mouth and the body", kw=dict(type=str)),
+        Arg("--text", help="a caption", kw=dict(type=str)),
+        Arg("--pose", help="a pose.json that drives the body", kw=dict(type=str)),
+        Arg("--seconds", help="length (default: the audio's or the pose's)", kw=dict(type=float)),
+        Arg("--steps", help="sampling steps per segment"),
+        Arg("--cfg-audio", help="audio guidance scale at the first step"),
+        Arg("--cfg-text", help="text guidance scale at the first step"),
+        Arg("--anneal", help="how the guidance scales decay over the steps", kw=dict(choices=["linear", "cosine", "none"])),
+        Arg("--seed", help="seed; the same seed gives the same video"),
+        Arg("--out", help="the mp4 to write"),
+        Arg("--sampler", help="euler (ours) or diffusers (FlowMatchEulerDiscreteScheduler)", kw=dict(choices=["euler", "diffusers"])),
+        Arg("--device", help="auto, cpu or cuda")]),
+    Command("bench", "train", "Training samples/s and seconds per step at the classroom config, with and without latent caching",
+            "omnihuman_nb.trainer:bench_train", [
+        Arg("--json", "json_path", help="also write the figures to this JSON file", kw=dict(type=str)),
+        Arg("--steps", help="timed steps"),
+        Arg("--threads", help="torch CPU threads", kw=dict(type=int))]),
+    Command("bench", "sample", "Seconds of compute per second of video, and the speed-up of batched CFG",
+            "omnihuman_nb.pipeline:bench_sample", [
+        Arg("--json", "json_path", help="also write the figures to this JSON file", kw=dict(type=str)),
+        Arg("--steps", help="sampling steps"),
+        Arg("--repeats", help="timed rounds (medians are reported)"),
+        Arg("--threads", help="torch CPU threads")]),
     Command("bench", "data", "Render frames/s and loader samples/s", "omnihuman_nb.data:bench_data", [
         Arg("--json", "json_path", help="also write the figures to this JSON file", kw=dict(type=str)),
         Arg("--size", help="frame size", kw=dict(type=str)),
@@ -119,7 +157,7 @@ COMMANDS = [
         Arg("--threads", help="torch CPU threads")]),
 ]
 
-# %% ../nbs/14_cli.ipynb #70ecdc24
+# %% ../nbs/14_cli.ipynb #29927c0c
 GROUP_HELP = {"data": "render and check clips", "vae": "train and try the causal VAE",
               "bench": "benchmarks: speed, memory, agreement with reference implementations"}
 
@@ -133,13 +171,15 @@ def build_parser(commands:list=None)->argparse.ArgumentParser:
     groups = p.add_subparsers(dest="group", metavar="GROUP")
     subs = {}
     for c in commands:
+        if c.name is None:                                  # a command that stands alone
+            groups.add_parser(c.group, help=c.help, add_help=False); continue
         if c.group not in subs:
             g = groups.add_parser(c.group, help=GROUP_HELP.get(c.group, f"{c.group} commands"))
             subs[c.group] = g.add_subparsers(dest="command", metavar="COMMAND")
         subs[c.group].add_parser(c.name, help=c.help, add_help=False)
     return p
 
-# %% ../nbs/14_cli.ipynb #bfe12a26
+# %% ../nbs/14_cli.ipynb #750bb2c5
 def main(argv:list[str]|None=None, commands:list=None)->int:
     "Entry point of the `omnihuman` command; returns the exit status."
     commands = COMMANDS if commands is None else commands
@@ -150,9 +190,9 @@ def main(argv:list[str]|None=None, commands:list=None)->int:
         if ns.group is None:
             if rest: top.error(f"unrecognized arguments: {' '.join(rest)}")
             top.print_help(); return 0
-        if getattr(ns, "command", None) is None:         # a group alone: show its commands
+        cmd = next((c for c in commands if (c.group, c.name) == (ns.group, getattr(ns, "command", None))), None)
+        if cmd is None:                                    # a group alone: show its commands
             top.parse_args([ns.group, "--help"]); return 0
-        cmd = next(c for c in commands if (c.group, c.name) == (ns.group, ns.command))
         args = command_parser(cmd).parse_args(rest)
         result = cmd.function()(**vars(args))
         return int(cmd.status(result)) if cmd.status else 0
