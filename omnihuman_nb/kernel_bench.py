@@ -118,7 +118,7 @@ def impl_fn(op:str, impl:str, compiled:dict|None=None)->Callable:
     check(op == "attention", "impl 'sdpa'", "only for attention", op)
     return lambda *a: K.attention(*a, backend="sdpa")
 
-# %% ../nbs/05b_kernel_bench.ipynb #b8b3f875
+# %% ../nbs/05b_kernel_bench.ipynb #9ed97751
 def _row(case, impl, pas, ms, cost, note=None, peaks=K.H100_PEAKS)->dict:
     flops, nbytes = cost
     r = dict(op=case.op, shape=case.shape, group=case.group, impl=impl, **{"pass": pas}, ms=ms, note=note,
@@ -144,7 +144,8 @@ def time_case(case:BenchCase, impl:str, device, dtype, compiled:dict|None=None, 
             bwd_ms = time_ms(lambda: torch.autograd.grad(outs, leaves, douts, retain_graph=True), device)
             rows.append(_row(case, impl, "bwd", bwd_ms, cost["bwd"]))
         return rows
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+    except Exception as e:      # out of memory, a backend that refuses a shape, a config that fails to compile: note it, go on
+        if isinstance(e, K.BadInputError): raise
         note = "out of memory" if "out of memory" in str(e).lower() else f"failed: {str(e).splitlines()[0][:120]}"
         return [_row(case, impl, p, None, cost[p], note) for p in (("fwd", "bwd") if backward else ("fwd",))]
     finally:

@@ -159,11 +159,19 @@ def test_opcheck_backward_ops():
     g = torch.Generator().manual_seed(5)
     x, w = randn(g, 4, 24), randn(g, 24)
     _, rstd = K.rms_norm_fwd(x, w, 1e-6)
-    assert set(opcheck(K.rms_norm_bwd, (randn(g, 4, 24), x, w, rstd)).values()) == {"SUCCESS"}
+    x3, y3, dy3, vec = randn(g, 2, 6, 24), randn(g, 2, 6, 24), randn(g, 2, 6, 24), randn(g, 3, 2, 24)
+    _, mean, rstd3 = K.modulated_layer_norm_fwd(x3, vec[0], vec[1], 1e-6)
+    _, _, rmean, rrstd = K.residual_modulated_layer_norm_fwd(x3, y3, vec[2], vec[0], vec[1], 1e-6)
     q, k, v = randn(g, 1, 2, 7, 32), randn(g, 1, 2, 5, 32), randn(g, 1, 2, 5, 32)
     kl = torch.tensor([3], dtype=torch.int32, device=DEV)
     o, lse = K.attention_fwd(q, k, v, kl, 0.3)
-    assert set(opcheck(K.attention_bwd, (torch.randn_like(o), q, k, v, o, lse, kl, 0.3)).values()) == {"SUCCESS"}
+    cases = [(K.rms_norm_bwd, (randn(g, 4, 24), x, w, rstd)),
+             (K.modulated_layer_norm_bwd, (dy3, x3, vec[1], mean, rstd3)),
+             (K.gated_residual_bwd, (dy3, y3, vec[2])),
+             (K.residual_modulated_layer_norm_bwd, (dy3, dy3 * 0.5, x3, y3, vec[2], vec[1], rmean, rrstd)),
+             (K.gelu_tanh_bwd, (dy3, x3)),
+             (K.attention_bwd, (torch.randn_like(o), q, k, v, o, lse, kl, 0.3))]
+    for op, args in cases: assert set(opcheck(op, args).values()) == {"SUCCESS"}, op
 
 
 def mini_block(x, ada, w, cos, sin, kv_lens, backend):
@@ -245,3 +253,14 @@ def test_imports_and_runs_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([2, 3, 8])" in out.stdout and "triton installed" in out.stdout
+
+
+# ---------------------------------------------------------------- the benchmark's CPU fallback
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU bench_kernels times instead of sweeping")
+def test_bench_kernels_without_gpu_runs_the_sweep(tmp_path, capsys):
+    from omnihuman_nb.kernel_bench import bench_kernels
+    res = bench_kernels(tmp_path / "k.json", quick=True)
+    out = capsys.readouterr().out
+    assert "No CUDA GPU here" in out and f"outputs are in {tmp_path / 'k.json'}" in out
+    assert res["mode"] == "interpreter-sweep" and res["all_ok"] and len(res["rows"]) == 21
+    assert (tmp_path / "k.json").exists()
