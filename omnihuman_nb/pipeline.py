@@ -140,32 +140,45 @@ def load_pose(src,                # a pose.json path, or (keypoints (T, K, 2), v
     s, oy, ox = fit_box(hw, size)
     return kp[:n_frames] * s - np.array([ox, oy], np.float32), vis[:n_frames]
 
-# %% ../nbs/10_pipeline.ipynb #43033f8f
+# %% ../nbs/10_pipeline.ipynb #044472e4
 @dataclasses.dataclass
 class Segment:
-    "One piece of a long video: it generates `frames` frames (1 + 4k) starting at `start`, of which the first `keep` are kept."
+    "One piece of a long video: it makes `frames` frames from `latents` latent frames, starting at video frame `start`; the first `keep` are kept."
     index: int
     start: int
     frames: int
     keep: int
+    latents: int|None = None   # None: a fresh 1 + 4k segment, 1 + (frames - 1) / 4
 
-def plan_segments(n_frames:int,          # frames the video needs
-                  segment_frames:int=49, # frames per segment (1 + 4k): what the model was trained on
-                  temporal:int=4         # the VAE's temporal factor
+    def __post_init__(self):
+        if self.latents is None: self.latents = 1 + (self.frames - 1) // 4
+
+    def condition_frames(self, temporal:int=4)->slice:
+        "The video frames whose audio and pose condition this segment: its last 1 + 4(latents - 1) (all of a fresh segment)."
+        return slice(self.start + self.frames - (1 + temporal * (self.latents - 1)), self.start + self.frames)
+
+def plan_segments(n_frames:int,           # frames the video needs
+                  segment_frames:int=49,  # frames per segment (1 + 4k): what the model was trained on
+                  temporal:int=4,         # the VAE's temporal factor
+                  continuous:bool=False   # one latent stream: segments after the first add 4 frames per latent
                  )->list[Segment]:
-    "Cut `n_frames` into segments of `segment_frames`; the last one is the shortest 1 + 4k length that covers the rest."
+    "Cut `n_frames` into segments of `segment_frames`; the last one is the shortest that covers the rest."
     check(isinstance(n_frames, int) and n_frames >= 1, "frame count", "an int >= 1", n_frames)
     check(isinstance(segment_frames, int) and segment_frames >= 1 and (segment_frames - 1) % temporal == 0,
           "segment_frames", f"1 + {temporal}k frames", segment_frames)
-    out, start = [], 0
+    out, start, Tw = [], 0, 1 + (segment_frames - 1) // temporal
     while start < n_frames:
         rest = n_frames - start
-        f = min(segment_frames, 1 + temporal * math.ceil((rest - 1) / temporal))
-        out.append(Segment(len(out), start, f, min(f, rest)))
+        if continuous and out:
+            t = min(Tw, math.ceil(rest / temporal))
+            out.append(Segment(len(out), start, temporal * t, min(temporal * t, rest), t))
+        else:
+            f = min(segment_frames, 1 + temporal * math.ceil((rest - 1) / temporal))
+            out.append(Segment(len(out), start, f, min(f, rest)))
         start += out[-1].keep
     return out
 
-# %% ../nbs/10_pipeline.ipynb #3dd09662
+# %% ../nbs/10_pipeline.ipynb #f827fc8a
 COMPONENTS = ("vae", "transformer", "text_encoder", "audio_features", "scheduler")
 
 @dataclasses.dataclass
@@ -185,11 +198,14 @@ class OmniHumanPipeline(DiffusionPipeline):
                  width:int=64,              # video width
                  segment_frames:int=49,     # frames per segment (1 + 4k), as in training
                  motion_frames:int=5,       # frames of the previous segment each next segment sees (1 + 4k)
+                 motion:str="pixels",       # "pixels": re-encode the last motion_frames frames; "latents": one latent stream, motion = its last motion_latents
+                 motion_latents:int=1,      # latent frames of motion context in "latents" mode (what chapter 09's trainer feeds)
                  decode_chunk:int=4,        # latent frames decoded at a time: bounds memory within a segment; any value gives the same frames
                  shift:float|None=None):    # time shift; None: from the token count (`flow.shift_for_tokens`)
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, audio_features=audio_features, scheduler=scheduler)
-        self.register_to_config(height=height, width=width, segment_frames=segment_frames, motion_frames=motion_frames, decode_chunk=decode_chunk, shift=shift)
+        self.register_to_config(height=height, width=width, segment_frames=segment_frames, motion_frames=motion_frames, motion=motion,
+                                motion_latents=motion_latents, decode_chunk=decode_chunk, shift=shift)
         vc, tc = vae.config, transformer.config
         check(vc.latent_channels == tc.in_channels, "transformer in_channels", f"the VAE's latent_channels {vc.latent_channels}", tc.in_channels)
         check((vc.spatial_compression, vc.temporal_compression) == (tc.vae_spatial, tc.vae_temporal), "transformer vae_spatial/vae_temporal",
@@ -201,6 +217,8 @@ class OmniHumanPipeline(DiffusionPipeline):
         for k in ("segment_frames", "motion_frames"):
             v = self.config[k]
             check(isinstance(v, int) and v >= 1 and (v - 1) % t == 0, k, f"1 + {t}k frames", v)
+        check(motion in ("pixels", "latents"), "motion", "'pixels' or 'latents'", repr(motion))
+        check(isinstance(motion_latents, int) and motion_latents >= 1, "motion_latents", "an int >= 1", motion_latents)
         self.check_size(height, width)
 
     def check_size(self, height:int, width:int):
@@ -208,7 +226,7 @@ class OmniHumanPipeline(DiffusionPipeline):
         m = self.vae.config.spatial_compression * self.transformer.patch[1]
         check(height % m == 0 and width % m == 0 and height > 0 and width > 0, "video size", f"height and width multiples of {m}", (height, width))
 
-# %% ../nbs/10_pipeline.ipynb #9f6c7ae5
+# %% ../nbs/10_pipeline.ipynb #960f77ff
 def build_pipeline(dit:str="classroom",              # named DiT size (`dit.DIT_CONFIGS`)
                    vae:CausalVAE|dict|None=None,     # a VAE, or CausalVAE keyword arguments (None: its defaults)
                    text:str="auto",                  # text encoder name (chapter 07), 'auto': MiniLM if installed, else hashed words
@@ -216,6 +234,7 @@ def build_pipeline(dit:str="classroom",              # named DiT size (`dit.DIT_
                    audio:str="log-mel",              # audio features name
                    height:int=64, width:int=64,
                    segment_frames:int=49, motion_frames:int=5,
+                   motion:str="pixels", motion_latents:int=1, decode_chunk:int=4,   # see `OmniHumanPipeline`
                    seed:int=0,                       # seeds the fresh weights
                    **dit_overrides)->OmniHumanPipeline:
     "A fresh, untrained pipeline whose parts agree: the DiT's in_channels, text width and audio width follow the VAE and the encoders."
@@ -228,7 +247,8 @@ def build_pipeline(dit:str="classroom",              # named DiT size (`dit.DIT_
               vae_spatial=vae.config.spatial_compression, vae_temporal=vae.config.temporal_compression)
     net = OmniHumanDiT(**dit_config(dit, **{**kw, **dit_overrides}))
     return OmniHumanPipeline(vae.eval(), net.eval(), te.eval(), af, FlowMatchEulerDiscreteScheduler(shift=1.0),
-                             height, width, segment_frames, motion_frames)
+                             height=height, width=width, segment_frames=segment_frames, motion_frames=motion_frames,
+                             motion=motion, motion_latents=motion_latents, decode_chunk=decode_chunk)
 
 TINY = dict(dit="classroom", vae=dict(block_out_channels=(8, 8, 8, 8)), text="hashed-words",
             text_kwargs=dict(dim=32, width=32, layers=1, heads=2, buckets=256), height=32, width=32, segment_frames=9,
@@ -308,7 +328,7 @@ def _frame_count(seconds, frames, wav, pose_len):
     if pose_len is not None: return pose_len
     raise BadInputError("duration", "seconds=..., frames=..., or audio or pose to take it from", None)
 
-# %% ../nbs/10_pipeline.ipynb #8438b980
+# %% ../nbs/10_pipeline.ipynb #3927bc76
 def _prepare(self, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
             steps:int=20, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0, sampler:str="euler",
             height:int|None=None, width:int|None=None)->GenerationPlan:
@@ -323,7 +343,7 @@ def _prepare(self, ref_image, audio=None, text:str|None=None, pose=None, seconds
     kp = vis = None
     if pose is not None: kp, vis = load_pose(pose, (H, W))
     n = _frame_count(seconds, frames, wav, None if kp is None else len(kp))
-    segs = plan_segments(n, self.config.segment_frames, self.vae.config.temporal_compression)
+    segs = plan_segments(n, self.config.segment_frames, self.vae.config.temporal_compression, self.config.motion == "latents")
     n_gen = segs[-1].start + segs[-1].frames
     given = dict(text=text is not None, ref=True, audio=wav is not None, pose=kp is not None)
     active = active_conditions(*[c for c, g in given.items() if g])
@@ -396,7 +416,7 @@ def _nan_check(x, step, steps, seg, n_seg):
                             f"{int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf",
                             hint="Sampling stopped there. The model produces non-finite velocities: check the checkpoint, or lower the CFG scales.")
 
-# %% ../nbs/10_pipeline.ipynb #a2fac387
+# %% ../nbs/10_pipeline.ipynb #aa7398b9
 @torch.no_grad()
 def _iter_segments(self, plan:GenerationPlan,
                   callback:Callable|None=None   # callback(dict(segment, segments, step, steps, t)) after every step
@@ -405,25 +425,33 @@ def _iter_segments(self, plan:GenerationPlan,
     dev, dit, tc = self.device, self.transformer, self.transformer.config
     H, W = plan.ref.shape[:2]
     vs, vt, M = self.vae.config.spatial_compression, self.vae.config.temporal_compression, self.config.motion_frames
+    continuous = self.config.motion == "latents"
     text, text_lens = self.text_encoder([plan.caption]) if plan.active["text"] else (None, None)
     ref = self.encode_frames(plan.ref[None])
     feats = self.audio_features(plan.wav, plan.frames_generated).to(dev) if plan.active["audio"] else None
-    gen, prev, n_seg = make_generator(plan.seed), None, len(plan.segments)
-    for seg in plan.segments:
-        a, b = seg.start, seg.start + seg.frames
-        cond = dict(text=text, text_lens=text_lens, ref=ref, motion=self.encode_frames(prev[-M:]) if prev is not None else None,
-                    audio=feats[a:b][None] if feats is not None else None,
-                    pose=pose_heatmaps(plan.keypoints[a:b], plan.visibility[a:b], (H, W))[None].to(dev) if plan.keypoints is not None else None)
-        shape = (1, tc.in_channels, 1 + (seg.frames - 1) // vt, H // vs, W // vs)
-        noise = torch.randn(shape, generator=gen).to(dev)
-        n_tok = shape[2] * shape[3] * shape[4] // math.prod(dit.patch)
-        times = sampling_times(plan.steps, self.config.shift if self.config.shift is not None else shift_for_tokens(n_tok))
-        def cb(i, t, x):
-            _nan_check(x, i, plan.steps, seg.index, n_seg)
-            if callback is not None: callback(dict(segment=seg.index, segments=n_seg, step=i, steps=plan.steps, t=float(t)))
-        z = self.sample_latents(dit_velocity(dit, cond), noise, times, plan.audio_cfg, plan.text_cfg, plan.sampler, cb)
-        prev = np.concatenate(list(self.decode_latents(z, self.config.decode_chunk)))
-        yield seg, prev[:seg.keep]
+    gen, prev, z, n_seg = make_generator(plan.seed), None, None, len(plan.segments)
+    self.vae.reset_stream()                                   # "latents" mode decodes one stream across segments
+    try:
+        for seg in plan.segments:
+            c = seg.condition_frames(vt)
+            if prev is None: motion = None
+            else: motion = z[:, :, -self.config.motion_latents:] if continuous else self.encode_frames(prev[-M:])
+            cond = dict(text=text, text_lens=text_lens, ref=ref, motion=motion, audio=feats[c][None] if feats is not None else None,
+                        pose=pose_heatmaps(plan.keypoints[c], plan.visibility[c], (H, W))[None].to(dev) if plan.keypoints is not None else None)
+            shape = (1, tc.in_channels, seg.latents, H // vs, W // vs)
+            noise = torch.randn(shape, generator=gen).to(dev)
+            n_tok = shape[2] * shape[3] * shape[4] // math.prod(dit.patch)
+            times = sampling_times(plan.steps, self.config.shift if self.config.shift is not None else shift_for_tokens(n_tok))
+            def cb(i, t, x):
+                _nan_check(x, i, plan.steps, seg.index, n_seg)
+                if callback is not None: callback(dict(segment=seg.index, segments=n_seg, step=i, steps=plan.steps, t=float(t)))
+            z = self.sample_latents(dit_velocity(dit, cond), noise, times, plan.audio_cfg, plan.text_cfg, plan.sampler, cb)
+            dc = self.config.decode_chunk
+            if continuous:   # the decoder's frame caches carry on from the previous segment
+                prev = np.concatenate([_to_frames(self.vae.decoder(self.vae.denormalize(z[:, :, a:a + dc]))) for a in range(0, seg.latents, dc)])
+            else: prev = np.concatenate(list(self.decode_latents(z, dc)))
+            yield seg, prev[:seg.keep]
+    finally: self.vae.reset_stream()
 
 OmniHumanPipeline.iter_segments = _iter_segments
 
@@ -447,7 +475,7 @@ def plan_info(plan:GenerationPlan, elapsed:float|None=None)->dict:
 
 OmniHumanPipeline.__call__ = _call
 
-# %% ../nbs/10_pipeline.ipynb #d0a9806e
+# %% ../nbs/10_pipeline.ipynb #7f4f1055
 def export_mp4(frames,                        # (T, H, W, 3) uint8, or an iterable of such chunks (streamed)
                audio:np.ndarray|None,         # mono float32 at `sr`, or None for a silent video
                path:str|Path,                 # the .mp4 to write
@@ -495,7 +523,7 @@ def export_mp4(frames,                        # (T, H, W, 3) uint8, or an iterab
         if os.path.exists(tmp): os.unlink(tmp)
     return path
 
-# %% ../nbs/10_pipeline.ipynb #46339220
+# %% ../nbs/10_pipeline.ipynb #b11e454c
 @classmethod
 def _from_pretrained(cls, path, **kw):
     "Load a folder written by `save_pretrained`; a missing component is a `BadInputError` that names it."
@@ -509,11 +537,16 @@ def _from_pretrained(cls, path, **kw):
     missing = [c for c in COMPONENTS if not ok(c)]
     check(not missing, "model folder", f"a subfolder with config and weights for each of {COMPONENTS}", f"{p} lacks {missing}",
           hint="Write the folder with OmniHumanPipeline.save_pretrained.")
-    return DiffusionPipeline.from_pretrained.__func__(cls, str(p), **kw)
+    pipe = DiffusionPipeline.from_pretrained.__func__(cls, str(p), **kw)
+    for name in ("vae", "transformer", "text_encoder"):   # weights read from safetensors can sit at unaligned addresses, and CPU
+        m = getattr(pipe, name)                           # kernels then sum in another order: copy them to fresh (aligned) memory
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.data_ptr() % 64: t.data = t.data.clone()
+    return pipe
 
 OmniHumanPipeline.from_pretrained = _from_pretrained
 
-# %% ../nbs/10_pipeline.ipynb #a970d505
+# %% ../nbs/10_pipeline.ipynb #52a82fa3
 def generate(model_dir:str|Path,            # a folder written by OmniHumanPipeline.save_pretrained
              ref:str|Path,                  # reference image
              audio:str|Path|None=None,      # driving speech (wav)
@@ -543,7 +576,7 @@ def generate(model_dir:str|Path,            # a folder written by OmniHumanPipel
     print(f"outputs are in {path}")
     return res
 
-# %% ../nbs/10_pipeline.ipynb #7bea5549
+# %% ../nbs/10_pipeline.ipynb #ee59e27f
 def _bench_inputs(size, seconds, seed):
     "A synthetic reference (a gradient with a disc) and speech-like audio: content does not change the cost."
     yy, xx = np.mgrid[:size, :size] / size

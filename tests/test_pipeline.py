@@ -197,3 +197,35 @@ def test_cfg_schedule_never_below_one():
             sc = cfg_schedule(s, kind).scales(10)
             eq(sc[0], s)
             assert all(v >= min(1.0, s) - 1e-9 for v in sc)
+
+def test_latent_stream_mode_matches_one_decode(ref, tmp_path):
+    from omnihuman_nb.pipeline import _to_frames
+    p = _tiny(motion="latents", motion_latents=2)
+    zs, seen = [], []
+    sample = p.sample_latents
+    p.sample_latents = lambda *a, **k: zs.append(sample(*a, **k)) or zs[-1]
+    h = p.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        plan = p.prepare(ref, audio=SPEECH, pose=POSE, text=CAPTION, frames=25, steps=1, cfg_audio=2.0, cfg_text=1.0)
+        parts = list(p.iter_segments(plan))
+    finally: h.remove(); del p.sample_latents
+    eq([s for s, _ in parts], [Segment(0, 0, 9, 9, 3), Segment(1, 9, 12, 12, 3), Segment(2, 21, 4, 4, 1)])
+    video = np.concatenate([f for _, f in parts])
+    eq(video, _to_frames(p.vae.decode(p.vae.denormalize(torch.cat(zs, 2))))[:25])
+    for k in (1, 2): eq(seen[k]["motion"][:1], zs[k - 1][:, :, -2:])
+    eq(seen[2]["audio"].shape[1], 1)                       # a one-latent segment hears one frame: its last
+    p.save_pretrained(tmp_path / "m")
+    q = OmniHumanPipeline.from_pretrained(tmp_path / "m")
+    eq((q.config.motion, q.config.motion_latents), ("latents", 2))
+    kw = dict(text=CAPTION, frames=14, steps=2, seed=1)
+    eq(q(ref, **kw).frames, p(ref, **kw).frames)
+    fails(lambda: _tiny(motion="frames"), contains="motion: expected 'pixels' or 'latents'")
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 400), st.integers(0, 12))
+def test_plan_segments_continuous_cover(n, k):
+    segs = plan_segments(n, 1 + 4 * k, continuous=True)
+    eq(sum(s.keep for s in segs), n)
+    eq(segs[0].frames, 1 + 4 * (segs[0].latents - 1))
+    for s in segs[1:]: eq(s.frames, 4 * s.latents); assert 1 <= s.latents <= 1 + k
+    for a, b in zip(segs, segs[1:]): eq(b.start, a.start + a.frames)
