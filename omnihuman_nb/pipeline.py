@@ -6,7 +6,7 @@
 __all__ = ['COMPONENTS', 'TINY', 'ANNEAL', 'TextEncoderModel', 'AudioFeatureExtractor', 'fit_box', 'fit_image', 'load_reference',
            'load_wav', 'fit_wav', 'load_pose', 'Segment', 'plan_segments', 'OmniHumanOutput', 'OmniHumanPipeline',
            'build_pipeline', 'perturb_weights', 'cfg_schedule', 'GenerationPlan', 'dit_velocity', 'separate_velocity',
-           'plan_info', 'export_mp4', 'generate', 'bench_sample']
+           'plan_info', 'export_mp4', 'assemble_pipeline', 'generate', 'bench_sample']
 
 # %% ../nbs/10_pipeline.ipynb #c9e61f5e
 import dataclasses, json, math, os, statistics, tempfile, time
@@ -546,7 +546,51 @@ def _from_pretrained(cls, path, **kw):
 
 OmniHumanPipeline.from_pretrained = _from_pretrained
 
-# %% ../nbs/10_pipeline.ipynb #52a82fa3
+# %% ../nbs/10_pipeline.ipynb #599d8239
+def _resolve_dit(dit)->tuple[Path, Path|None]:
+    "(the DiT's model folder, its trainer checkpoint folder or None) from a DiT folder, a checkpoint or a training run."
+    p = Path(dit)
+    latest = p / "checkpoints" / "latest"
+    if latest.is_file(): p = latest.parent / latest.read_text().strip()
+    if (p / "model" / "config.json").is_file(): return p / "model", p
+    check((p / "config.json").is_file(), "DiT folder", "a DiT folder (config.json + weights), a trainer checkpoint (model/ + ema.safetensors) or a training run", str(dit))
+    return p, None
+
+def assemble_pipeline(dit:str|Path,                  # a DiT folder, a trainer checkpoint, or a training run (its latest checkpoint)
+                      vae:str|Path,                  # the VAE folder (config.json + weights), or train_vae's output holding vae/
+                      out:str|Path|None=None,        # also save the pipeline folder here
+                      ema:bool=True,                 # use the checkpoint's EMA weights when it has them
+                      height:int=64, width:int=64,
+                      segment_frames:int|None=None,  # None: the trainer's n_frames when recorded, else 49
+                      motion:str|None=None,          # None: "latents" for a trainer checkpoint (how it trained), else "pixels"
+                      text_encoder:TextEncoderModel|None=None)->OmniHumanPipeline:  # None: the one the DiT's config names
+    "A pipeline from a trained DiT and VAE: the text encoder the DiT was trained with, log-mel audio, and the trainer's segment and motion settings."
+    from safetensors.torch import load_file
+    mdir, ckpt = _resolve_dit(dit)
+    cfg = {}
+    if ckpt is not None and (ckpt / "trainer_state.json").is_file(): cfg = json.loads((ckpt / "trainer_state.json").read_text()).get("config", {})
+    net = OmniHumanDiT.from_pretrained(mdir)
+    if ema and ckpt is not None and (ckpt / "ema.safetensors").is_file():
+        res = net.load_state_dict(load_file(ckpt / "ema.safetensors"), strict=False)
+        check(not res.unexpected_keys and not [k for k in res.missing_keys if k in dict(net.named_parameters())], "EMA weights",
+              "one entry per DiT parameter", f"missing {res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]}")
+    vdir = next((c for c in (Path(vae), Path(vae) / "vae") if (c / "config.json").is_file()), None)
+    check(vdir is not None, "VAE folder", "a folder with config.json and weights (or train_vae's output holding vae/)", str(vae))
+    name = net.config.text_encoder
+    if text_encoder is None:
+        check(name != "hashed-words", "text encoder", "a pretrained one the pipeline can rebuild ('all-MiniLM-L6-v2' or a local folder)", "'hashed-words'",
+              hint="The trainer keeps no copy of a hashed-words encoder's random weights; pass text_encoder=..., or train with text_encoder='all-MiniLM-L6-v2'.")
+        text_encoder = TextEncoderModel(name)
+    pipe = OmniHumanPipeline(CausalVAE.from_pretrained(vdir).eval(), net.eval(), text_encoder.eval(), AudioFeatureExtractor("log-mel", net.config.audio_window),
+                             FlowMatchEulerDiscreteScheduler(shift=1.0), height=height, width=width,
+                             segment_frames=segment_frames or cfg.get("n_frames", 49), motion=motion or ("latents" if ckpt is not None else "pixels"),
+                             motion_latents=cfg.get("motion_latents", 1))
+    if out is not None:
+        pipe.save_pretrained(out)
+        print(f"outputs are in {out}")
+    return pipe
+
+# %% ../nbs/10_pipeline.ipynb #87e1392b
 def generate(model_dir:str|Path,            # a folder written by OmniHumanPipeline.save_pretrained
              ref:str|Path,                  # reference image
              audio:str|Path|None=None,      # driving speech (wav)
@@ -576,7 +620,7 @@ def generate(model_dir:str|Path,            # a folder written by OmniHumanPipel
     print(f"outputs are in {path}")
     return res
 
-# %% ../nbs/10_pipeline.ipynb #ee59e27f
+# %% ../nbs/10_pipeline.ipynb #e0755349
 def _bench_inputs(size, seconds, seed):
     "A synthetic reference (a gradient with a disc) and speech-like audio: content does not change the cost."
     yy, xx = np.mgrid[:size, :size] / size

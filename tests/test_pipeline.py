@@ -229,3 +229,22 @@ def test_plan_segments_continuous_cover(n, k):
     eq(segs[0].frames, 1 + 4 * (segs[0].latents - 1))
     for s in segs[1:]: eq(s.frames, 4 * s.latents); assert 1 <= s.latents <= 1 + k
     for a, b in zip(segs, segs[1:]): eq(b.start, a.start + a.frames)
+
+def test_assemble_from_trainer_layout(pipe, ref, tmp_path):
+    from safetensors.torch import save_file
+    from omnihuman_nb.dit import OmniHumanDiT
+    from omnihuman_nb.pipeline import assemble_pipeline, TextEncoderModel
+    ck = tmp_path / "run" / "checkpoints" / "step_00000005"
+    pipe.transformer.save_pretrained(ck / "model")
+    ema = {k: v * 0.5 for k, v in pipe.transformer.named_parameters()}
+    save_file({k: v.detach().contiguous() for k, v in ema.items()}, ck / "ema.safetensors")
+    (ck / "trainer_state.json").write_text(json.dumps(dict(step=5, config=dict(n_frames=9, motion_latents=2))))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text(ck.name)
+    pipe.vae.save_pretrained(tmp_path / "vae")
+    fails(lambda: assemble_pipeline(tmp_path / "run", tmp_path / "vae"), contains="hashed-words")
+    m = assemble_pipeline(tmp_path / "run", tmp_path / "vae", height=32, width=32, text_encoder=pipe.text_encoder)
+    eq((m.config.segment_frames, m.config.motion, m.config.motion_latents), (9, "latents", 2))
+    eq(m.transformer.state_dict()["blocks.0.vid.qkv.weight"], ema["blocks.0.vid.qkv.weight"].detach())
+    m2 = assemble_pipeline(ck / "model", tmp_path, height=32, width=32, text_encoder=pipe.text_encoder)   # a bare DiT folder: raw weights, pixel motion
+    eq(m2.config.motion, "pixels"); eq(m2.transformer.state_dict()["proj_out.weight"], pipe.transformer.state_dict()["proj_out.weight"])
+    eq(m(ref, text=CAPTION, frames=14, steps=1).frames.shape, (14, 32, 32, 3))
