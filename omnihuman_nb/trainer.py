@@ -593,11 +593,11 @@ def train(data_dir,                          # folder of clip folders (see chapt
     acc.wait_for_everyone()
     return res
 
-# %% ../nbs/09_trainer.ipynb #03af09fe
+# %% ../nbs/09_trainer.ipynb #c9ed3f37
 def _print_counts(res:dict):
     "A table of samples per condition combination per stage, then where the outputs are."
     combos = sorted({c for d in res["counts"].values() for c in d}, key=lambda c: (c.count("+"), c))
-    print(f"{'combination':<24}" + "".join(f"stage {s:>3}" for s in res["counts"]))
+    print(f"{'combination':<24}" + "".join(f"{'stage ' + s:>9}" for s in res["counts"]))
     for c in combos: print(f"{c:<24}" + "".join(f"{d.get(c, 0):>9}" for d in res["counts"].values()))
     print(f"{'(with motion frames)':<24}" + "".join(f"{res['motion'].get(s, 0):>9}" for s in res["counts"]))
     print(f"{res['steps']} steps, final loss {res['final_loss']:.4f}, {res['seconds']:.0f} s" + (" (interrupted)" if res["interrupted"] else ""))
