@@ -160,3 +160,11 @@ def test_sigterm_saves_and_exits(vae_dir, cache, tmp_path):
     assert r["interrupted"] and r["steps"] >= 2
     ck = latest_checkpoint(out)
     eq(json.loads((ck / "trainer_state.json").read_text())["step"], r["steps"])   # the checkpoint holds the last step
+
+def test_grad_accum_and_minutes(vae_dir, cache, tmp_path):
+    r = run(vae_dir, tmp_path / "acc", cache, stages="2", config=train_config("classroom", **dict(TINY, batch_size=1, grad_accum=2)))
+    eq(r["steps"], 2); eq(sum(r["counts"]["2"].values()), 4)           # 2 steps x 2 micro-batches x 1 sample
+    rows = [json.loads(l) for l in (tmp_path / "acc" / "log.jsonl").read_text().splitlines()]
+    eq([sum(x["combos"].values()) for x in rows], [2, 2])
+    r = run(vae_dir, tmp_path / "min", cache, stages="1", steps_per_stage=None, minutes_per_stage=0.01)
+    assert r["finished"] and r["steps"] >= 1                           # the stage ended on its time budget
