@@ -67,7 +67,7 @@ def command_parser(cmd:Command, prog:str="omnihuman")->argparse.ArgumentParser:
         p.add_argument(a.flag, dest=a.dest, help=h, **kw)
     return p
 
-# %% ../nbs/14_cli.ipynb #e7b30fa8
+# %% ../nbs/14_cli.ipynb #c66bc3f2
 def _bad_clips_status(r): return 1 if r.get("n_bad") else 0
 
 COMMANDS = [
@@ -124,6 +124,15 @@ COMMANDS = [
         Arg("--out", help="the mp4 to write"),
         Arg("--sampler", help="euler (ours) or diffusers (FlowMatchEulerDiscreteScheduler)", kw=dict(choices=["euler", "diffusers"])),
         Arg("--device", help="auto, cpu or cuda")]),
+    Command("pipeline", "assemble", "Put a trained DiT and VAE together into a pipeline folder that `generate` reads",
+            "omnihuman_nb.pipeline:assemble_pipeline", [
+        Arg("--dit", help="a training run (its latest checkpoint), a trainer checkpoint, or a DiT folder"),
+        Arg("--vae", help="the VAE folder (vae train's --out, or its vae/ subfolder)"),
+        Arg("--out", help="the pipeline folder to write", kw=dict(type=str, required=True)),
+        Arg("--ema", help="use the checkpoint's EMA weights"),
+        Arg("--height", help="video height"), Arg("--width", help="video width"),
+        Arg("--segment-frames", help="frames per generated segment (default: the trainer's window)", kw=dict(type=int)),
+        Arg("--motion", help="how segments chain (default: as the trainer trained)", kw=dict(choices=["latents", "pixels"]))]),
     Command("bench", "train", "Training samples/s and seconds per step at the classroom config, with and without latent caching",
             "omnihuman_nb.trainer:bench_train", [
         Arg("--json", "json_path", help="also write the figures to this JSON file", kw=dict(type=str)),
@@ -157,8 +166,8 @@ COMMANDS = [
         Arg("--threads", help="torch CPU threads")]),
 ]
 
-# %% ../nbs/14_cli.ipynb #29927c0c
-GROUP_HELP = {"data": "render and check clips", "vae": "train and try the causal VAE",
+# %% ../nbs/14_cli.ipynb #e2295ef0
+GROUP_HELP = {"data": "render and check clips", "vae": "train and try the causal VAE", "pipeline": "build generation pipelines",
               "bench": "benchmarks: speed, memory, agreement with reference implementations"}
 
 def build_parser(commands:list=None)->argparse.ArgumentParser:
