@@ -44,3 +44,29 @@ def test_bad_input_is_one_line(tmp_path):
     st, o, e = omnihuman("data", "check", tmp_path / "missing")
     assert st == 2
     assert e.startswith("error: ") and "Traceback" not in e
+
+def test_the_whole_path_from_the_command(tmp_path):
+    "render -> vae train -> train (3 stages) -> pipeline assemble -> generate: every step through the command, at toy size."
+    import av
+    from omnihuman_nb.data import read_video
+    from PIL import Image
+    d = tmp_path
+    assert omnihuman("data", "render", "--out", d / "clips", "--clips", 4, "--seconds", 0.8, "--seed", 2)[0] == 0
+    st, o, e = omnihuman("vae", "train", "--data", d / "clips", "--out", d / "vae", "--steps", 2)
+    assert st == 0, e[-2000:]
+    st, o, e = omnihuman("train", "--data", d / "clips", "--vae", d / "vae", "--out", d / "run", "--steps-per-stage", 1)
+    assert st == 0, e[-2000:]
+    assert "stage 3" in o and f"outputs are in {d / 'run'}" in o
+    st, o, e = omnihuman("pipeline", "assemble", "--dit", d / "run", "--vae", d / "vae", "--out", d / "pipe")
+    assert st == 0, e[-2000:]
+    frame = read_video(next((d / "clips").glob("clip_*/video.mp4")))[0][0]
+    Image.fromarray(frame).save(d / "ref.png")
+    wav = Path(__file__).resolve().parent.parent / "data_samples" / "speech" / "hello_puppet_f.wav"
+    st, o, e = omnihuman("generate", "--model", d / "pipe", "--ref", d / "ref.png", "--audio", wav, "--text", "a puppet talks",
+                         "--seconds", 0.8, "--steps", 2, "--out", d / "talk.mp4")
+    assert st == 0, e[-2000:]
+    with av.open(str(d / "talk.mp4")) as c:
+        kinds = sorted(s.type for s in c.streams)
+        n_video = sum(1 for _ in c.decode(video=0))
+    assert kinds == ["audio", "video"]
+    assert n_video == 20                       # 0.8 s at 25 fps
