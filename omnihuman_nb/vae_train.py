@@ -246,7 +246,7 @@ def ema_update(ema:nn.Module, model:nn.Module, decay:float):
     for e, m in zip(ema.parameters(), model.parameters()): e.lerp_(m, 1 - decay)
     for e, m in zip(ema.buffers(), model.buffers()): e.copy_(m)
 
-# %% ../nbs/04_vae_training.ipynb #3b23e557
+# %% ../nbs/04_vae_training.ipynb #98b27807
 @dataclasses.dataclass
 class VAETrainConfig(Config):
     "Settings of a VAE training run."
@@ -261,7 +261,7 @@ class VAETrainConfig(Config):
     batch_size: int = 2                     # video windows per video batch
     image_batch_size: int = 8               # frames per image batch
     image_ratio: float = 0.3                # share of steps that train on images
-    lr: float = 1e-3
+    lr: float = 2e-4                        # Adam moves each weight ~lr a step: 1e-3 blows up the 3D convs' activations
     warmup: int = 50                        # linear lr warm-up steps
     min_lr_frac: float = 0.1                # cosine decay to this fraction of lr over the run
     ssim_weight: float = 0.2
