@@ -419,7 +419,7 @@ def _nan_check(x, step, steps, seg, n_seg):
 # %% ../nbs/10_pipeline.ipynb #aa7398b9
 @torch.no_grad()
 def _iter_segments(self, plan:GenerationPlan,
-                  callback:Callable|None=None   # callback(dict(segment, segments, step, steps, t)) after every step
+                  callback:Callable|None=None   # callback(dict(segment, segments, step, steps, t, latents, x0)) after every step
                  )->Iterator[tuple[Segment, np.ndarray]]:
     "Generate the plan segment by segment, yielding (segment, its kept uint8 frames); only one segment lives in memory."
     dev, dit, tc = self.device, self.transformer, self.transformer.config
@@ -442,9 +442,14 @@ def _iter_segments(self, plan:GenerationPlan,
             noise = torch.randn(shape, generator=gen).to(dev)
             n_tok = shape[2] * shape[3] * shape[4] // math.prod(dit.patch)
             times = sampling_times(plan.steps, self.config.shift if self.config.shift is not None else shift_for_tokens(n_tok))
+            last = [float(times[0]), noise]                     # (t, x) before the step: a step's x0 needs both ends
             def cb(i, t, x):
                 _nan_check(x, i, plan.steps, seg.index, n_seg)
-                if callback is not None: callback(dict(segment=seg.index, segments=n_seg, step=i, steps=plan.steps, t=float(t)))
+                if callback is None: return
+                (t0, x_prev), t = last, float(t)
+                x0 = x - t * (x - x_prev) / (t - t0)               # x_t - t v, v the step's (guided) velocity: the data it aims at
+                last[:] = [t, x]
+                callback(dict(segment=seg.index, segments=n_seg, step=i, steps=plan.steps, t=t, latents=x, x0=x0))
             z = self.sample_latents(dit_velocity(dit, cond), noise, times, plan.audio_cfg, plan.text_cfg, plan.sampler, cb)
             dc = self.config.decode_chunk
             if continuous:   # the decoder's frame caches carry on from the previous segment
