@@ -21,9 +21,9 @@ from plotly.subplots import make_subplots
 from .core import check
 from .puppet import FPS, SR, BONES, GESTURES, FRAMINGS, identity_pool, speech_audio, load_wav, render_puppet_clip
 
-# %% ../nbs/13_widgets.ipynb #8dac5a79
+# %% ../nbs/13_widgets.ipynb #fabef2db
 def png_uri(img:np.ndarray)->str:
-    "A (H, W, 3) uint8 image as a PNG data URI: a few KB in a figure, where the pixel array would be a long JSON list."
+    "A (H, W, 3) uint8 image as a PNG data URI: compressed, where a pixel array would travel byte for byte."
     from PIL import Image
     check(isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8, "image", "a (H, W, 3) uint8 array",
           f"{type(img).__name__} {getattr(img, 'shape', '')} {getattr(img, 'dtype', '')}")
@@ -466,7 +466,14 @@ def sampler_explorer(pipe,                   # an OmniHumanPipeline
     "An explorer of the sampler: guidance schedules, predicted x0 per step, the final video with its sound."
     return SamplerExplorer(pipe, ref, audio, text, frames, run=run, **controls)
 
-# %% ../nbs/13_widgets.ipynb #95756ffd
+# %% ../nbs/13_widgets.ipynb #d487f3e4
+def _log_row(line:str, path)->dict:
+    "One row of a training log; anything but a JSON object with step, stage and loss is a BadInputError."
+    try: r = json.loads(line)
+    except json.JSONDecodeError: r = None
+    check(isinstance(r, dict) and {"step", "stage", "loss"} <= set(r), f"a line of {path}", "a JSON object with step, stage and loss (a trainer's log.jsonl)", repr(line[:80]))
+    return r
+
 class TrainingDashboard(Explorer):
     "Loss curves of a training run from its log.jsonl, per stage and per condition combination; follows a running `omnihuman train` live."
     def __init__(self, log=None, follow:bool=False, interval:float=1.0, smooth:int=1):
@@ -505,7 +512,7 @@ class TrainingDashboard(Explorer):
             with open(p) as f:
                 f.seek(self._pos); text = f.read(); self._pos = f.tell()
             *lines, self._buf = (self._buf + text).split("\n")              # the last piece may be a half-written line
-            new = [json.loads(l) for l in lines if l.strip()]
+            new = [_log_row(l, p) for l in lines if l.strip()]
             for r in new: self.rows = [q for q in self.rows if q["step"] < r["step"]] + [r]
             if new or force: self.redraw()
             return len(new)

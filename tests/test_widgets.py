@@ -216,6 +216,17 @@ def test_dashboard_follows_a_writer(tmp_path):
     eq(db.poll(), 1); eq(db.rows[-1]["step"], 4)
     # the load button reads from the start
     db.load_button.click(); eq(len(db.rows), 4)
+    # a line that is not a log row: an error that names it, shown in the status while following
+    with pytest.raises(BadInputError, match="step, stage and loss"):
+        with open(log, "a") as f: f.write('{"oops": 1}\n')
+        db.poll()
+    with open(log, "a") as f: f.write("not json\n")
+    db.follow.value = True
+    deadline = time.time() + 10
+    while "error" not in db.status.value and time.time() < deadline: time.sleep(0.02)
+    db.follow.value = False
+    assert db.status.value.startswith("error: BadInputError: a line of"), db.status.value
+    eq(len(db.rows), 4)
 
 def test_dashboard_follows_a_real_training_run(tmp_path):
     from omnihuman_nb.trainer import train, train_config
