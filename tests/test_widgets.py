@@ -245,3 +245,16 @@ def test_dashboard_follows_a_real_training_run(tmp_path):
     # the same run, finished, from its JSONL
     done = training_dashboard(tmp_path / "run" / "log.jsonl")
     eq(done.curves(), db.curves())
+
+# --- the saved notebooks ----------------------------------------------------------------------
+
+def test_committed_notebooks_carry_no_widget_state():
+    "Every FigureWidget holds plotly.js (~5 MB) in its widget state: a notebook saved with that state grows by megabytes per explorer."
+    total = 0
+    for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
+        d = json.loads(nb.read_text())
+        assert "widgets" not in d.get("metadata", {}), f"{nb.name} was saved with widget state; save it without (or nbdev_clean and strip metadata.widgets)"
+        outs = sum(len(json.dumps(c.get("outputs", []))) for c in d["cells"])
+        assert outs < 500_000, f"{nb.name} holds {outs:,} bytes of outputs"
+        total += nb.stat().st_size
+    assert total < 5_000_000, f"the notebooks total {total:,} bytes"
