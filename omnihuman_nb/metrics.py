@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['PROBE_SIZE', 'ATTRS', 'ATTR_CLASSES', 'LOSS_WEIGHTS', 'KEYPOINT_GROUPS', 'PROBES_FILE', 'METRIC_NOTES',
            'identity_labels', 'probe_identities', 'h264_roundtrip', 'render_probe_set', 'soft_argmax', 'face_frame',
-           'face_crop', 'PuppetProbe', 'to_probe_input', 'augment_frames', 'probe_losses', 'probe_outputs',
+           'face_crop', 'PuppetProbe', 'to_probe_input', 'augment_frames', 'probe_losses', 'pearson', 'probe_outputs',
            'probe_accuracy', 'save_probes', 'load_probes', 'probe_test_set', 'train_probes', 'fit_frames',
-           'read_probes', 'pearson', 'sync_score', 'pose_error', 'hand_variance', 'identity_drift', 'frechet_distance',
+           'read_probes', 'sync_score', 'pose_error', 'hand_variance', 'identity_drift', 'frechet_distance',
            'frame_change', 'flicker_score', 'reference_clips', 'print_metrics', 'score_video', 'evaluate_video',
            'evaluate_model']
 
@@ -189,7 +189,17 @@ def probe_losses(out:dict, batch:dict)->dict:
         n = len(ATTR_CLASSES[a]); attrs = attrs + F.cross_entropy(out["attr_logits"][:, o:o + n], batch["labels"][:, j]); o += n
     return dict(keypoints=kp, mouth=F.mse_loss(out["mouth"], batch["mouth"]), attrs=attrs)
 
-# %% ../nbs/11_metrics.ipynb #ed48d942
+# %% ../nbs/11_metrics.ipynb #0b45571b
+def pearson(a, b)->float:
+    "Pearson r of two equal-length series; 0 when either is constant, up to float32 rounding (a frozen mouth correlates with nothing)."
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    check(a.shape == b.shape and a.ndim == 1, "series", "two 1-D series of equal length", (a.shape, b.shape))
+    flat = lambda x: x.std() <= 1e-6 * max(1.0, np.abs(x).max())     # constant up to float32 rounding
+    if flat(a) or flat(b): return 0.0
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
+
+# %% ../nbs/11_metrics.ipynb #eef4657e
 def _batch(data:dict, idx:np.ndarray)->dict:
     return dict(video=to_probe_input(data["video"][idx]), keypoints=torch.from_numpy(data["keypoints"][idx]),
                 visible=torch.from_numpy(data["visible"][idx]), mouth=torch.from_numpy(data["mouth"][idx]).float(),
@@ -204,7 +214,7 @@ def probe_outputs(probe:PuppetProbe, frames:np.ndarray, batch_size:int=256)->dic
     outs = [probe(to_probe_input(frames[i:i + batch_size])) for i in range(0, len(frames), batch_size)]
     return {k: torch.cat([o[k] for o in outs]).numpy() for k in outs[0]}
 
-# %% ../nbs/11_metrics.ipynb #ef1740d8
+# %% ../nbs/11_metrics.ipynb #16738547
 KEYPOINT_GROUPS = {"face": [J[n] for n in ("nose", "left_eye", "right_eye", "mouth")],
                    "body": [j for j in range(len(JOINTS)) if j not in HAND_JOINTS and j >= 4], "hands": list(HAND_JOINTS)}
 
@@ -213,20 +223,20 @@ def probe_accuracy(probe:PuppetProbe, data:dict)->dict:
     out = probe_outputs(probe, data["video"])
     err = np.linalg.norm(out["keypoints"] - data["keypoints"], axis=-1)
     vis = data["visible"]
-    res = dict(frames=len(err), mouth_r=float(np.corrcoef(out["mouth"], data["mouth"])[0, 1]),
+    res = dict(frames=len(err), mouth_r=pearson(out["mouth"], data["mouth"]),
                mouth_mae=float(np.abs(out["mouth"] - data["mouth"]).mean()), kp_err_px=float(err[vis].mean()))
     for g, js in KEYPOINT_GROUPS.items(): res[f"kp_err_px_{g}"] = float(err[:, js][vis[:, js]].mean())
     for f, name in enumerate(FRAMINGS):
         m = data["framing"] == f
         if m.any():
             res[f"kp_err_px_{name}"] = float(err[m][vis[m]].mean())
-            res[f"mouth_r_{name}"] = float(np.corrcoef(out["mouth"][m], data["mouth"][m])[0, 1])
+            res[f"mouth_r_{name}"] = pearson(out["mouth"][m], data["mouth"][m])
     o = 0
     for j, a in enumerate(ATTRS):
         n = len(ATTR_CLASSES[a]); res[f"acc_{a}"] = float((out["attr_logits"][:, o:o + n].argmax(1) == data["labels"][:, j]).mean()); o += n
     return res
 
-# %% ../nbs/11_metrics.ipynb #370890e2
+# %% ../nbs/11_metrics.ipynb #43f1abca
 PROBES_FILE = Path(omnihuman_nb.__file__).parent / "assets" / "probes.safetensors"   # the shipped probes
 
 def save_probes(probe:PuppetProbe, path:str|Path, meta:dict|None=None)->Path:
@@ -263,12 +273,12 @@ def load_probes(path:str|Path|None=None,   # a file from `save_probes` / `train_
     _LOADED[key] = probe
     return probe
 
-# %% ../nbs/11_metrics.ipynb #c69ab18e
+# %% ../nbs/11_metrics.ipynb #adc8e35f
 def probe_test_set(n_test:int=20, clips_per_identity:int=2, frames_per_clip:int=20)->dict:
     "The fixed held-out set the probes are measured on: `n_test` held-out identities, every framing (seed fixed: same frames for every training seed)."
     return render_probe_set(probe_identities(1, 0, n_test)[1] * clips_per_identity, frames_per_clip, seed=10**6, verbose=False)
 
-# %% ../nbs/11_metrics.ipynb #bba3436d
+# %% ../nbs/11_metrics.ipynb #c1de1298
 def train_probes(out_dir:str|Path|None=None,  # write probes.safetensors (+ accuracy.json) here; None: don't save
                  steps:int=1200,              # optimiser steps: with the seed, this fixes the run
                  minutes:float|None=None,     # stop early after this much wall time (the step reached is recorded)
@@ -322,7 +332,7 @@ def train_probes(out_dir:str|Path|None=None,  # write probes.safetensors (+ accu
         if verbose: print(f"outputs are in {p.parent}")
     return probe, report
 
-# %% ../nbs/11_metrics.ipynb #01a99f5b
+# %% ../nbs/11_metrics.ipynb #30f9720e
 def fit_frames(frames:np.ndarray, size:int=PROBE_SIZE)->np.ndarray:
     "Frames `(T, h, w, 3)` uint8 at the probes' size, by the pipeline's resize-and-crop (unchanged when already that size)."
     check(isinstance(frames, np.ndarray) and frames.ndim == 4 and frames.shape[-1] == 3 and frames.dtype == np.uint8 and len(frames) > 0,
@@ -337,17 +347,7 @@ def read_probes(frames:np.ndarray,               # (T, h, w, 3) uint8, any size
     "What the probes read in each frame: keypoints `(T, 25, 2)` in 64x64 px, mouth `(T,)`, identity `(T, 64)`, features `(T, 128)`."
     with one_thread(): return probe_outputs(probe or load_probes(), fit_frames(frames), batch_size)
 
-# %% ../nbs/11_metrics.ipynb #803f53bf
-def pearson(a, b)->float:
-    "Pearson r of two equal-length series; 0 when either is constant, up to float32 rounding (a frozen mouth correlates with nothing)."
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    check(a.shape == b.shape and a.ndim == 1, "series", "two 1-D series of equal length", (a.shape, b.shape))
-    flat = lambda x: x.std() <= 1e-6 * max(1.0, np.abs(x).max())     # constant up to float32 rounding
-    if flat(a) or flat(b): return 0.0
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
-
-# %% ../nbs/11_metrics.ipynb #60c353d2
+# %% ../nbs/11_metrics.ipynb #de6b634b
 def sync_score(video_mouth,      # (T,) mouth opening the probe reads in the video
                audio_mouth,      # (T,) mouth opening the audio implies (`puppet.mouth_from_audio`)
                max_lag:int=5     # search lags -max_lag..max_lag frames
@@ -362,7 +362,7 @@ def sync_score(video_mouth,      # (T,) mouth opening the probe reads in the vid
     best = int(np.argmax(rs))
     return dict(sync_r=float(rs[L]), sync_lag=int(lags[best]), sync_r_best=float(rs[best]), lags=lags.tolist(), rs=rs.tolist())
 
-# %% ../nbs/11_metrics.ipynb #16f4ac1f
+# %% ../nbs/11_metrics.ipynb #91690de3
 def pose_error(pred,              # (T, K, 2) keypoints the probe reads, px
                target,            # (T, K, 2) the driving pose, same pixels
                visible,           # (T, K) which driving keypoints count (inside the frame)
@@ -378,16 +378,17 @@ def pose_error(pred,              # (T, K, 2) keypoints the probe reads, px
     ok = err <= alpha * box[:, None]
     return dict(kp_err=float(err[vis].mean()), pck=float(ok[vis].mean()), keypoints_counted=int(vis.sum()))
 
-# %% ../nbs/11_metrics.ipynb #b71c3407
+# %% ../nbs/11_metrics.ipynb #2669a4b1
 def hand_variance(keypoints,                 # (T, K, 2) keypoints the probe reads, px at 64x64
                   joints=HAND_JOINTS)->float:
     "Hand motion richness, the HKV analogue: variance over time of each hand keypoint (x plus y, px^2), averaged over the hand joints."
     kp = np.asarray(keypoints, np.float64)
     check_shape(kp, (None, len(JOINTS), 2), "keypoints")
     check(len(kp) >= 2, "keypoints", "at least 2 frames", len(kp))
-    return float(kp[:, list(joints)].var(0).sum(-1).mean())
+    k = kp[:, list(joints)] - kp[:1, list(joints)]        # variance ignores a shift; this one makes a frozen hand exactly 0
+    return float(k.var(0).sum(-1).mean())
 
-# %% ../nbs/11_metrics.ipynb #3987a8c8
+# %% ../nbs/11_metrics.ipynb #bc6941fe
 def identity_drift(identity,               # (T, D) identity embeddings of the video's frames
                    ref,                    # (D,) the reference image's embedding
                    segment_frames:int=25   # frames per segment
@@ -399,7 +400,7 @@ def identity_drift(identity,               # (T, D) identity embeddings of the v
     d = 1 - (e @ r) / (np.linalg.norm(e, axis=1) * np.linalg.norm(r) + 1e-12)
     return [float(d[i:i + segment_frames].mean()) for i in range(0, len(d), segment_frames)]
 
-# %% ../nbs/11_metrics.ipynb #a1263399
+# %% ../nbs/11_metrics.ipynb #28198bfd
 def frechet_distance(a,                  # (N, D) features of one set of frames
                      b,                  # (M, D) features of the other
                      eps:float=1e-6)->float:
@@ -413,7 +414,7 @@ def frechet_distance(a,                  # (N, D) features of one set of frames
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ sb @ root_a), 0, None)).sum()   # Tr (S_a^1/2 S_b S_a^1/2)^1/2 = Tr (S_a S_b)^1/2
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross)
 
-# %% ../nbs/11_metrics.ipynb #ebfa3621
+# %% ../nbs/11_metrics.ipynb #c6fdf5a8
 def frame_change(frames:np.ndarray)->float:
     "Mean absolute change between consecutive frames, in 0..255 units, at the probes' 64x64."
     f = fit_frames(frames).astype(np.float32)
@@ -427,7 +428,7 @@ def flicker_score(frames:np.ndarray,   # (T, h, w, 3) uint8, the video to score
     raw, ref = frame_change(frames), float(np.mean([frame_change(r) for r in real]))
     return dict(flicker=raw / max(ref, 1e-9), flicker_raw=raw, flicker_real=ref)
 
-# %% ../nbs/11_metrics.ipynb #3c4245fe
+# %% ../nbs/11_metrics.ipynb #7e544dad
 _REFERENCE = {}
 
 def reference_clips(n:int=8, seconds:float=2.0, seed:int=0)->list[np.ndarray]:
@@ -450,7 +451,7 @@ def _real_frames(real)->list[np.ndarray]:
     check(isinstance(real, (list, tuple)) and len(real) > 0, "real clips", "None, a folder, or a non-empty list of (T, H, W, 3) uint8 arrays", type(real).__name__)
     return list(real)
 
-# %% ../nbs/11_metrics.ipynb #76313259
+# %% ../nbs/11_metrics.ipynb #b16dfbbe
 METRIC_NOTES = dict(sync_r="lip-sync Pearson r at lag 0 (Sync-C analogue)", sync_lag="lag of best r, frames (+: mouth late)",
                     kp_err="keypoint error vs driving pose, px at 64x64", pck="PCK@0.1 (of the pose's box) vs driving pose",
                     hand_var="hand keypoint variance, px^2 (HKV analogue)", identity_drift="worst segment's identity distance to the ref",
@@ -471,7 +472,7 @@ def _write_json(res:dict, json_path)->None:
     p.write_text(json.dumps(res, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
     print(f"outputs are in {p}")
 
-# %% ../nbs/11_metrics.ipynb #3609a6b5
+# %% ../nbs/11_metrics.ipynb #8679853e
 def _load_video(video, fps:float|None)->tuple[np.ndarray, float]:
     from omnihuman_nb.data import read_video
     if isinstance(video, (str, Path)): frames, file_fps = read_video(video); fps = fps or file_fps
@@ -515,7 +516,7 @@ def _ref_identity(ref, video_hw, probe)->np.ndarray:
     from omnihuman_nb.pipeline import load_reference
     return read_probes(load_reference(ref, video_hw)[None], probe)["identity"][0]
 
-# %% ../nbs/11_metrics.ipynb #ff3bfc41
+# %% ../nbs/11_metrics.ipynb #b9041e58
 def score_video(frames:np.ndarray,            # (T, h, w, 3) uint8
                 wav:np.ndarray|None=None,     # its audio, covering it (16 kHz), or None
                 pose:tuple|None=None,         # (keypoints (T, K, 2), visible (T, K)) at 64x64, or None
@@ -539,7 +540,7 @@ def score_video(frames:np.ndarray,            # (T, h, w, 3) uint8
     res["_features"] = r["features"]
     return res
 
-# %% ../nbs/11_metrics.ipynb #3532b105
+# %% ../nbs/11_metrics.ipynb #06b24a39
 def evaluate_video(video,                      # an mp4 path, or (T, H, W, 3) uint8 frames
                    audio=None,                 # the driving audio: a wav path or a 16 kHz array (None: no sync metric)
                    pose=None,                  # the driving pose: pose.json or (keypoints, visibility, (h, w)) (None: no pose metric)
@@ -565,7 +566,7 @@ def evaluate_video(video,                      # an mp4 path, or (T, H, W, 3) ui
     _write_json(res, json_path)
     return res
 
-# %% ../nbs/11_metrics.ipynb #f58e9e93
+# %% ../nbs/11_metrics.ipynb #4232e50f
 def _mean(vals): vals = [v for v in vals if v is not None]; return float(np.mean(vals)) if vals else None
 
 def _summarise(rows:list[dict])->dict:
