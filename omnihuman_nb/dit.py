@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['TOKEN_GROUPS', 'TYPE_IDS', 'OPS', 'DEFAULT_BACKENDS', 'CONDITIONS', 'MINILM_PACKAGE', 'AUDIO_FEATURES',
-           'POSE_KEYPOINTS', 'DIT_CONFIGS', 'patchify', 'unpatchify', 'TokenLayout', 'stream_positions',
+           'POSE_KEYPOINTS', 'DIT_CONFIGS', 'TOKEN_PIXELS', 'patchify', 'unpatchify', 'TokenLayout', 'stream_positions',
            'rope_split_for', 'timestep_embedding', 'TimestepEmbedder', 'audio_windows', 'latent_frame_groups',
            'AudioProjector', 'PoseGuider', 'resolve_backends', 'StreamWeights', 'AudioCrossAttention', 'BlockInputs',
-           'MMDiTBlock', 'valid_key_order', 'default_text_encoder', 'DiTOutput', 'OmniHumanDiT', 'dit_config',
-           'build_dit', 'parameter_counts', 'hunyuan_matched', 'bench_dit']
+           'MMDiTBlock', 'valid_key_order', 'default_text_encoder', 'DiTOutput', 'OmniHumanDiT', 'fit_to_vae',
+           'dit_config', 'build_dit', 'parameter_counts', 'hunyuan_matched', 'bench_dit']
 
 # %% ../nbs/06_dit.ipynb #7090328a
 import dataclasses, contextlib, json, math, time
@@ -521,7 +521,7 @@ def _forward(self,
 
 OmniHumanDiT.forward = _forward
 
-# %% ../nbs/06_dit.ipynb #b62059a8
+# %% ../nbs/06_dit.ipynb #982fe91d
 AUDIO_FEATURES = 128   # chapter 02: 4 log-mel frames x 32 bands per video frame
 POSE_KEYPOINTS = 25    # chapter 01: the puppet's joints, one heatmap each
 
@@ -531,12 +531,24 @@ DIT_CONFIGS = {
     "base": dict(hidden_size=1280, num_layers=16, num_heads=10, pose_width=128),      # head dim 128: RoPE 32 / 48 / 48
 }
 
-def dit_config(name:str="classroom", **overrides)->dict:
-    "The keyword arguments of `OmniHumanDiT` for a named size, with `overrides` applied."
+TOKEN_PIXELS = 16   # a video token covers 16x16 pixels of a frame, whatever the VAE's spatial factor
+
+def fit_to_vae(vae_config)->dict:
+    "DiT arguments that read what a VAE writes: latent channels, its factors, and a patch that keeps tokens 16x16 pixels."
+    c = getattr(vae_config, "config", vae_config)   # a CausalVAE or its config
+    get = (lambda k: c[k]) if isinstance(c, dict) else (lambda k: getattr(c, k))
+    vs = get("spatial_compression")
+    return dict(in_channels=get("latent_channels"), vae_spatial=vs, vae_temporal=get("temporal_compression"),
+                patch_size=(1, max(1, TOKEN_PIXELS // vs), max(1, TOKEN_PIXELS // vs)))
+
+def dit_config(name:str="classroom",    # a size in DIT_CONFIGS
+               vae=None,                # a CausalVAE (or its config): take channels, factors and patch from it
+               **overrides)->dict:      # OmniHumanDiT arguments to change (win over `vae`)
+    "The keyword arguments of `OmniHumanDiT` for a named size, fitted to `vae` if given, with `overrides` applied."
     check(name in DIT_CONFIGS, "DiT config name", f"one of {sorted(DIT_CONFIGS)}", repr(name))
     cfg = dict(in_channels=16, patch_size=(1, 2, 2), audio_dim=AUDIO_FEATURES, audio_window=2, pose_keypoints=POSE_KEYPOINTS,
                text_dim=384, text_encoder=default_text_encoder(), **DIT_CONFIGS[name])
-    return {**cfg, **overrides}
+    return {**cfg, **(fit_to_vae(vae) if vae is not None else {}), **overrides}
 
 def build_dit(name:str="classroom", **overrides)->OmniHumanDiT:
     "A fresh `OmniHumanDiT` of a named size."
@@ -554,7 +566,7 @@ def parameter_counts(names=tuple(DIT_CONFIGS))->dict:
         out[n] = dict(total=total, blocks=blocks, audio=audio, pose=pose, rest=total - blocks - audio - pose)
     return out
 
-# %% ../nbs/06_dit.ipynb #1e682c90
+# %% ../nbs/06_dit.ipynb #d8295527
 def _bench_batch(model, batch, frames, size, text_tokens, seed=0):
     "Classroom inputs with every condition on, for `model`'s config."
     cfg, g = model.config, torch.Generator().manual_seed(seed)
@@ -581,7 +593,7 @@ def hunyuan_matched(ours:OmniHumanDiT, tolerance:float=0.15):
     check(abs(n / n_ours - 1) <= tolerance, "matched HunyuanVideo parameter count", f"within {tolerance:.0%} of {n_ours}", n)
     return HunyuanVideoTransformer3DModel(**kw), kw
 
-# %% ../nbs/06_dit.ipynb #e556a600
+# %% ../nbs/06_dit.ipynb #b0a8505b
 _SPLIT_OPS = {"attention": ("attention",), "norms": ("rms_norm", "modulated_layer_norm", "gated_residual", "residual_modulated_layer_norm")}
 
 @contextlib.contextmanager
@@ -624,7 +636,7 @@ def _train_step(model, inputs, target)->tuple:
     with torch.enable_grad(): F.mse_loss(model(**inputs).sample, target).backward()
     return time.perf_counter() - t0, time.thread_time() - c0
 
-# %% ../nbs/06_dit.ipynb #5addda0f
+# %% ../nbs/06_dit.ipynb #24d1c821
 def bench_dit(json_path=None,            # also write the result here as JSON
               config:str="classroom",    # our named config
               batch:int=2,               # clips per step

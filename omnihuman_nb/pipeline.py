@@ -226,7 +226,7 @@ class OmniHumanPipeline(DiffusionPipeline):
         m = self.vae.config.spatial_compression * self.transformer.patch[1]
         check(height % m == 0 and width % m == 0 and height > 0 and width > 0, "video size", f"height and width multiples of {m}", (height, width))
 
-# %% ../nbs/10_pipeline.ipynb #960f77ff
+# %% ../nbs/10_pipeline.ipynb #dbdbffcf
 def build_pipeline(dit:str="classroom",              # named DiT size (`dit.DIT_CONFIGS`)
                    vae:CausalVAE|dict|None=None,     # a VAE, or CausalVAE keyword arguments (None: its defaults)
                    text:str="auto",                  # text encoder name (chapter 07), 'auto': MiniLM if installed, else hashed words
@@ -243,9 +243,8 @@ def build_pipeline(dit:str="classroom",              # named DiT size (`dit.DIT_
     vae = vae if isinstance(vae, CausalVAE) else CausalVAE(**(vae or {}))
     te = TextEncoderModel(default_text_encoder() if text == "auto" else text, text_kwargs)
     af = AudioFeatureExtractor(audio, dit_overrides.get("audio_window", 2))
-    kw = dict(in_channels=vae.config.latent_channels, text_dim=te.dim, text_encoder=te.encoder_name, audio_dim=af.dim,
-              vae_spatial=vae.config.spatial_compression, vae_temporal=vae.config.temporal_compression)
-    net = OmniHumanDiT(**dit_config(dit, **{**kw, **dit_overrides}))
+    kw = dict(text_dim=te.dim, text_encoder=te.encoder_name, audio_dim=af.dim)   # channels, factors and patch follow the VAE
+    net = OmniHumanDiT(**dit_config(dit, vae=vae, **{**kw, **dit_overrides}))
     return OmniHumanPipeline(vae.eval(), net.eval(), te.eval(), af, FlowMatchEulerDiscreteScheduler(shift=1.0),
                              height=height, width=width, segment_frames=segment_frames, motion_frames=motion_frames,
                              motion=motion, motion_latents=motion_latents, decode_chunk=decode_chunk)
@@ -416,7 +415,7 @@ def _nan_check(x, step, steps, seg, n_seg):
                             f"{int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf",
                             hint="Sampling stopped there. The model produces non-finite velocities: check the checkpoint, or lower the CFG scales.")
 
-# %% ../nbs/10_pipeline.ipynb #aa7398b9
+# %% ../nbs/10_pipeline.ipynb #417cd336
 @torch.no_grad()
 def _iter_segments(self, plan:GenerationPlan,
                   callback:Callable|None=None   # callback(dict(segment, segments, step, steps, t, latents, x0)) after every step
@@ -480,7 +479,7 @@ def plan_info(plan:GenerationPlan, elapsed:float|None=None)->dict:
 
 OmniHumanPipeline.__call__ = _call
 
-# %% ../nbs/10_pipeline.ipynb #7f4f1055
+# %% ../nbs/10_pipeline.ipynb #d6973b5b
 def export_mp4(frames,                        # (T, H, W, 3) uint8, or an iterable of such chunks (streamed)
                audio:np.ndarray|None,         # mono float32 at `sr`, or None for a silent video
                path:str|Path,                 # the .mp4 to write
@@ -528,7 +527,7 @@ def export_mp4(frames,                        # (T, H, W, 3) uint8, or an iterab
         if os.path.exists(tmp): os.unlink(tmp)
     return path
 
-# %% ../nbs/10_pipeline.ipynb #b11e454c
+# %% ../nbs/10_pipeline.ipynb #298bdb9f
 @classmethod
 def _from_pretrained(cls, path, **kw):
     "Load a folder written by `save_pretrained`; a missing component is a `BadInputError` that names it."
@@ -551,7 +550,7 @@ def _from_pretrained(cls, path, **kw):
 
 OmniHumanPipeline.from_pretrained = _from_pretrained
 
-# %% ../nbs/10_pipeline.ipynb #599d8239
+# %% ../nbs/10_pipeline.ipynb #742c76d7
 def _resolve_dit(dit)->tuple[Path, Path|None]:
     "(the DiT's model folder, its trainer checkpoint folder or None) from a DiT folder, a checkpoint or a training run."
     p = Path(dit)
@@ -595,7 +594,7 @@ def assemble_pipeline(dit:str|Path,                  # a DiT folder, a trainer c
         print(f"outputs are in {out}")
     return pipe
 
-# %% ../nbs/10_pipeline.ipynb #87e1392b
+# %% ../nbs/10_pipeline.ipynb #f9fd2f83
 def generate(model_dir:str|Path,            # a folder written by OmniHumanPipeline.save_pretrained
              ref:str|Path,                  # reference image
              audio:str|Path|None=None,      # driving speech (wav)
@@ -625,7 +624,7 @@ def generate(model_dir:str|Path,            # a folder written by OmniHumanPipel
     print(f"outputs are in {path}")
     return res
 
-# %% ../nbs/10_pipeline.ipynb #e0755349
+# %% ../nbs/10_pipeline.ipynb #9ebacc35
 def _bench_inputs(size, seconds, seed):
     "A synthetic reference (a gradient with a disc) and speech-like audio: content does not change the cost."
     yy, xx = np.mgrid[:size, :size] / size

@@ -422,12 +422,12 @@ def _mixed_precision(mp:str, dev:torch.device)->str:
     if mp == "auto": return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     return mp
 
-# %% ../nbs/09_trainer.ipynb #034a06f1
+# %% ../nbs/09_trainer.ipynb #7d2d8a9f
 def _check_vae_fits(vae:CausalVAE, model_cfg:dict, vae_dir):
     "The DiT must read what the VAE writes: same latent channels and compression factors."
     c = vae.config
     check(c.latent_channels == model_cfg["in_channels"], "VAE latent channels", f"{model_cfg['in_channels']}, the DiT config's in_channels",
-          f"{c.latent_channels} in {vae_dir}", hint="Train the VAE with that many latent channels, or set dit_overrides={'in_channels': ...}.")
+          f"{c.latent_channels} in {vae_dir}", hint="The DiT takes its channels from the VAE unless dit_overrides sets in_channels: drop that override.")
     for a, b in (("spatial_compression", "vae_spatial"), ("temporal_compression", "vae_temporal")):
         got = getattr(c, a); want = model_cfg.get(b, {"vae_spatial": 8, "vae_temporal": 4}[b])
         check(got == want, f"VAE {a}", f"{want}, the DiT config's {b}", got)
@@ -448,7 +448,7 @@ def _prepare_out(out:Path, resume:bool, cfg:TrainConfig, run_info:dict)->Path|No
           hint="Resume with the config, stages and VAE of the original run, or start a new --out.")
     return ckpt
 
-# %% ../nbs/09_trainer.ipynb #e9f9c42a
+# %% ../nbs/09_trainer.ipynb #3e67f98f
 def train(data_dir,                          # folder of clip folders (see chapter 02)
           vae_dir,                           # a trained CausalVAE folder (train_vae's OUT or OUT/vae)
           out_dir,                           # where checkpoints, logs, curves and the latent cache go
@@ -477,8 +477,8 @@ def train(data_dir,                          # folder of clip folders (see chapt
     vdir = resolve_vae_dir(vae_dir)
     vae_id = vae_fingerprint(vdir)
     enc = text_encoder(cfg.text_encoder)
-    model_cfg = dit_config(cfg.dit, text_encoder=enc.name, text_dim=enc.dim, **cfg.dit_overrides)
     vae = CausalVAE.from_pretrained(vdir).eval().requires_grad_(False)
+    model_cfg = dit_config(cfg.dit, vae=vae, text_encoder=enc.name, text_dim=enc.dim, **cfg.dit_overrides)
     _check_vae_fits(vae, model_cfg, vdir)
     out = Path(out_dir)
     ckpt = _prepare_out(out, resume, cfg, dict(stages=[i + 1 for i in order], vae_id=vae_id))
@@ -603,7 +603,7 @@ def _print_counts(res:dict):
     print(f"{res['steps']} steps, final loss {res['final_loss']:.4f}, {res['seconds']:.0f} s" + (" (interrupted)" if res["interrupted"] else ""))
     print(f"outputs are in {res['out_dir']}")
 
-# %% ../nbs/09_trainer.ipynb #9098e916
+# %% ../nbs/09_trainer.ipynb #f3266ef8
 def bench_train(json_path=None,          # also write the result here as JSON
                 steps:int=6,             # timed optimizer steps per mode
                 data_dir=None,           # clips to train on (default: the shipped data_samples/clips, else 4 rendered ones)

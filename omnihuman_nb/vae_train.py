@@ -246,23 +246,24 @@ def ema_update(ema:nn.Module, model:nn.Module, decay:float):
     for e, m in zip(ema.parameters(), model.parameters()): e.lerp_(m, 1 - decay)
     for e, m in zip(ema.buffers(), model.buffers()): e.copy_(m)
 
-# %% ../nbs/04_vae_training.ipynb #98b27807
+# %% ../nbs/04_vae_training.ipynb #8ce2f02d
 @dataclasses.dataclass
 class VAETrainConfig(Config):
     "Settings of a VAE training run."
     size: int = 64                          # square frame size trained on
-    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    block_out_channels: tuple[int, ...] = (48, 64, 96)
     layers_per_block: int = 1
     latent_channels: int = 16
-    spatial_compression: int = 8
+    spatial_compression: int = 4            # H, W factor, patch_size included
+    patch_size: int = 4                     # pixels per side folded into channels first
     temporal_compression: int = 4
     mid_attention: bool = False
     video_frames: int = 9                   # frames per video window (1+4k)
     batch_size: int = 2                     # video windows per video batch
     image_batch_size: int = 8               # frames per image batch
     image_ratio: float = 0.3                # share of steps that train on images
-    lr: float = 2e-4                        # Adam moves each weight ~lr a step: 1e-3 blows up the 3D convs' activations
-    warmup: int = 50                        # linear lr warm-up steps
+    lr: float = 4e-4                        # Adam moves each weight ~lr a step: 1e-3 blows up the 3D convs' activations
+    warmup: int = 30                        # linear lr warm-up steps
     min_lr_frac: float = 0.1                # cosine decay to this fraction of lr over the run
     ssim_weight: float = 0.2
     kl_weight: float = 1e-4
@@ -278,7 +279,7 @@ class VAETrainConfig(Config):
     def vae_kwargs(self)->dict:
         return dict(block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
                     latent_channels=self.latent_channels, spatial_compression=self.spatial_compression,
-                    temporal_compression=self.temporal_compression, mid_attention=self.mid_attention)
+                    patch_size=self.patch_size, temporal_compression=self.temporal_compression, mid_attention=self.mid_attention)
 
 # %% ../nbs/04_vae_training.ipynb #caee2e20
 @torch.no_grad()
