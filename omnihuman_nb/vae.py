@@ -376,7 +376,7 @@ class CausalVAE(ModelMixin, ConfigMixin):
         "Unit-variance latents -> latents for `decode`."
         mean, std = self._stats(z); return z * std + mean
 
-# %% ../nbs/03_causal_vae.ipynb #d0f1d0e6
+# %% ../nbs/03_causal_vae.ipynb #8ae11ec1
 class TensorMemory(TorchDispatchMode):
     "Context manager measuring peak bytes of live torch tensor storage created inside it (CPU or GPU)."
     def __enter__(self):
