@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 from fastcore.test import test_eq as eq, test_fail as fails, test_close as close
 from omnihuman_nb.core import BadInputError
 from omnihuman_nb.vae import CausalVAE, TensorMemory
-from omnihuman_nb.vae_train import (VAETrainConfig, make_toy_clips, train_vae, recon, read_video, load_clips,
+from omnihuman_nb.data import read_video
+from omnihuman_nb.vae_train import (VAETrainConfig, make_toy_clips, train_vae, recon, load_clips,
                                     split_identities, evaluate_vae)
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,4 +102,4 @@ def test_train_resume_recon(tmp_path):
         eq(s["steps"], 3); assert s["heldout_psnr"] > 0 and not s["heldout_is_train"]
         eq(train_vae(data, tmp_path / "run", steps=4, config=cfg, progress=False)["steps_this_run"], 1)
     r = recon(tmp_path / "run", data / "toy00_00" / "video.mp4", tmp_path / "rec.mp4")
-    eq(read_video(tmp_path / "rec.mp4").shape, (9, 16, 16, 3)); assert "mouth_psnr" in r
+    eq(read_video(tmp_path / "rec.mp4")[0].shape, (9, 16, 16, 3)); assert "mouth_psnr" in r
