@@ -11,8 +11,8 @@ __all__ = ['PROBE_SIZE', 'ATTRS', 'ATTR_CLASSES', 'LOSS_WEIGHTS', 'KEYPOINT_GROU
            'frame_change', 'flicker_score', 'reference_clips', 'print_metrics', 'score_video', 'evaluate_video',
            'evaluate_model']
 
-# %% ../nbs/11_metrics.ipynb #9dc1f26a
-import dataclasses, json, math, time, warnings
+# %% ../nbs/11_metrics.ipynb #1474f9db
+import json, math, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import omnihuman_nb
-from .core import BadInputError, check, check_shape, check_finite, seed_everything, make_generator
+from .core import BadInputError, check, check_shape, seed_everything, make_generator
 from .puppet import (FPS, SR, JOINTS, J, HAND_JOINTS, COLOURS, GESTURES, FRAMINGS, Identity, identity_pool,
                                  random_identity, render_puppet_clip, mouth_from_audio, one_thread)
 

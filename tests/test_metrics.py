@@ -129,3 +129,18 @@ def test_evaluate_video_checks_its_inputs(clip, tmp_path):
     with pytest.raises(BadInputError, match="pose frame count"): evaluate_video(clip.video, pose=(clip.keypoints[:9], clip.visibility[:9], (64, 64)), verbose=False)
     with pytest.raises(BadInputError, match="video file"): evaluate_video(tmp_path / "none.mp4", verbose=False)
     with pytest.raises(BadInputError, match="video frame count"): evaluate_video(clip.video[:2], verbose=False)
+
+def test_evaluate_model_on_the_sample_clips(tmp_path):
+    from pathlib import Path
+    from omnihuman_nb.pipeline import build_pipeline, TINY, perturb_weights
+    from omnihuman_nb.metrics import evaluate_model
+    pipe = build_pipeline(**TINY); perturb_weights(pipe.transformer)
+    pipe.save_pretrained(tmp_path / "pipe")
+    data = Path(__file__).resolve().parent.parent / "data_samples" / "clips"
+    res = evaluate_model(tmp_path / "pipe", data, json_path=tmp_path / "m.json", steps=1, verbose=False)
+    eq(res["videos"], dict(audio=1, pose=1, text=1))
+    saved = json.loads((tmp_path / "m.json").read_text())
+    for k in ("sync_r", "sync_lag", "pck", "kp_err", "hand_var", "identity_drift", "fd", "flicker"): assert saved[k] is not None, k
+    assert saved["real"]["sync_r"] > 0.9 and saved["real"]["pck"] > 0.9
+    with pytest.raises(BadInputError, match="held-out clips"): evaluate_model(tmp_path / "pipe", data / "clip_00000", verbose=False)
+    with pytest.raises(BadInputError, match="model folder"): evaluate_model(tmp_path / "nope", data, verbose=False)
