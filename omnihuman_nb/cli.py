@@ -67,7 +67,7 @@ def command_parser(cmd:Command, prog:str="omnihuman")->argparse.ArgumentParser:
         p.add_argument(a.flag, dest=a.dest, help=h, **kw)
     return p
 
-# %% ../nbs/14_cli.ipynb #5d8e61ed
+# %% ../nbs/14_cli.ipynb #c24c78fd
 def _bad_clips_status(r): return 1 if r.get("n_bad") else 0
 
 # flags every benchmark shares
@@ -138,6 +138,25 @@ COMMANDS = [
         Arg("--height", help="video height"), Arg("--width", help="video width"),
         Arg("--segment-frames", help="frames per generated segment (default: the trainer's window)", kw=dict(type=int)),
         Arg("--motion", help="how segments chain (default: as the trainer trained)", kw=dict(choices=["latents", "pixels"]))]),
+    Command("eval", None, "Score one video (--video) or a model on held-out clips (--model, --data): sync, pose error, hand motion, identity drift, Fréchet distance, flicker",
+            "omnihuman_nb.metrics:evaluate", [
+        Arg("--video", help="one video to score", kw=dict(type=str)),
+        Arg("--audio", help="the wav that drove it (sync)", kw=dict(type=str)),
+        Arg("--pose", help="the pose.json that drove it (keypoint error, PCK)", kw=dict(type=str)),
+        Arg("--ref", help="the reference image (identity drift; default: the first frame)", kw=dict(type=str)),
+        Arg("--real", help="a folder of real clips for fd and flicker (default: the shipped reference clips)", kw=dict(type=str)),
+        Arg("--model", "model_dir", help="a pipeline folder to score on held-out clips", kw=dict(type=str)),
+        Arg("--data", "data_dir", help="the rendered dataset whose held-out clips drive the model", kw=dict(type=str)),
+        JSON_OUT,
+        Arg("--max-lag", help="sync lag search, frames each way"),
+        Arg("--segment-frames", help="identity drift segment length (default: 25 for a video, the pipeline's segment for a model)", kw=dict(type=int)),
+        Arg("--max-clips", help="score at most this many held-out clips", kw=dict(type=int)),
+        Arg("--steps", help="sampling steps per segment (--model)"),
+        Arg("--cfg-audio", help="audio guidance scale (--model)"),
+        Arg("--cfg-text", help="text guidance scale (--model)"),
+        Arg("--seed", help="sampling seed (--model)"),
+        Arg("--device", help="auto, cpu or cuda (--model)"),
+        Arg("--probes", help="probe weights (default: the shipped ones)", kw=dict(type=str))]),
     Command("bench", "train", "Training samples/s and seconds per step at the classroom config, with and without latent caching",
             "omnihuman_nb.trainer:bench_train", [
         JSON_OUT,

@@ -9,7 +9,7 @@ __all__ = ['PROBE_SIZE', 'ATTRS', 'ATTR_CLASSES', 'LOSS_WEIGHTS', 'KEYPOINT_GROU
            'probe_accuracy', 'save_probes', 'load_probes', 'probe_test_set', 'train_probes', 'fit_frames',
            'read_probes', 'sync_score', 'pose_error', 'hand_variance', 'identity_drift', 'frechet_distance',
            'frame_change', 'flicker_score', 'reference_clips', 'print_metrics', 'score_video', 'evaluate_video',
-           'evaluate_model']
+           'evaluate_model', 'evaluate']
 
 # %% ../nbs/11_metrics.ipynb #1474f9db
 import json, math, time, warnings
@@ -631,3 +631,30 @@ def evaluate_model(model_dir:str|Path,            # a pipeline folder (`omnihuma
         print_metrics({"generated": gen, "real clips": real})
     _write_json(res, json_path)
     return res
+
+# %% ../nbs/11_metrics.ipynb #299d9ad9
+def evaluate(video=None,                   # one video to score (mode 1) ...
+             model_dir=None,               # ... or a pipeline folder (mode 2, with data_dir)
+             data_dir=None,                # the rendered dataset whose held-out clips mode 2 generates from
+             audio=None, pose=None, ref=None,   # mode 1: the driving audio, pose and the reference image
+             real=None,                    # mode 1: real clips for fd and flicker (default: the shipped reference clips)
+             json_path=None,               # also write the results here
+             max_lag:int=5,                # sync lag search, frames each way
+             segment_frames:int|None=None, # identity drift segment length (mode 1 default 25; mode 2: the pipeline's segments)
+             max_clips:int|None=None, steps:int=20, cfg_audio:float=3.0, cfg_text:float=2.0, seed:int=0,   # mode 2
+             device:str="auto",            # mode 2
+             probes=None,                  # probe weights (None: the shipped ones)
+             verbose:bool=True)->dict:
+    "Score one video (`video`, with optional audio/pose/ref) or a model on held-out clips (`model_dir` + `data_dir`)."
+    one, many = video is not None, model_dir is not None or data_dir is not None
+    check(one != many, "what to score", "--video V.mp4 (one video) or --model DIR --data DIR (a model), not both",
+          "both" if one and many else "neither")
+    if one:
+        return evaluate_video(video, audio, pose, ref, real, json_path, max_lag=max_lag,
+                              segment_frames=25 if segment_frames is None else segment_frames, probes=probes, verbose=verbose)
+    check(model_dir is not None and data_dir is not None, "model evaluation", "both --model DIR and --data DIR",
+          f"model={model_dir}, data={data_dir}")
+    extra = {k: v for k, v in dict(audio=audio, pose=pose, ref=ref, real=real).items() if v is not None}
+    check(not extra, "model evaluation", "no --audio/--pose/--ref/--real (they come from each held-out clip)", sorted(extra))
+    return evaluate_model(model_dir, data_dir, json_path, max_clips=max_clips, steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text,
+                          seed=seed, max_lag=max_lag, segment_frames=segment_frames, probes=probes, device=device, verbose=verbose)

@@ -70,3 +70,24 @@ def test_the_whole_path_from_the_command(tmp_path):
         n_video = sum(1 for _ in c.decode(video=0))
     assert kinds == ["audio", "video"]
     assert n_video == 20                       # 0.8 s at 25 fps
+    # score what was generated, then the model on the held-out clips
+    st, o, e = omnihuman("eval", "--video", d / "talk.mp4", "--audio", wav, "--json", d / "talk.json")
+    assert st == 0, e[-2000:]
+    got = json.loads((d / "talk.json").read_text())
+    for k in ("sync_r", "sync_lag", "hand_var", "identity_drift", "fd", "flicker"): assert k in got, k
+    samples = Path(__file__).resolve().parent.parent / "data_samples" / "clips"   # holds clips of held-out identities
+    st, o, e = omnihuman("eval", "--model", d / "pipe", "--data", samples, "--max-clips", 1, "--steps", 1, "--json", d / "model.json")
+    assert st == 0, e[-2000:]
+    got = json.loads((d / "model.json").read_text())
+    assert got["clips"] == 1 and "real" in got and "pck" in got
+
+def test_eval_scores_a_real_clip_and_refuses_a_mix(tmp_path):
+    clip = Path(__file__).resolve().parent.parent / "data_samples" / "clips" / "clip_00004"
+    st, o, e = omnihuman("eval", "--video", clip / "video.mp4", "--audio", clip / "audio.wav", "--json", tmp_path / "m.json")
+    assert st == 0, e[-2000:]
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert got["sync_lag"] == 0 and got["sync_r"] > 0.8, got
+    st, o, e = omnihuman("eval")
+    assert st == 2 and e.startswith("error: what to score")
+    st, o, e = omnihuman("eval", "--video", clip / "video.mp4", "--model", tmp_path)
+    assert st == 2 and "got both" in e
