@@ -73,7 +73,9 @@ def test_bad_data_and_vae(vae_dir, cache, tmp_path):
     (bad / "meta.json").write_text(json.dumps(dict(n_frames=50, fps=25, height=64, width=64)))
     with pytest.raises(BadInputError, match="missing video.mp4"): train(tmp_path / "bad", vae_dir, tmp_path / "o2", verbose=False)
     v8 = tmp_path / "vae8"; CausalVAE(latent_channels=8, block_out_channels=(8, 8, 16, 16)).save_pretrained(v8)
-    with pytest.raises(BadInputError, match="latent channels"): train(CLIPS, v8, tmp_path / "o3", verbose=False)
+    # the DiT takes its channels from the VAE; an override that disagrees with the VAE is refused
+    clash = train_config("classroom", **dict(TINY, dit_overrides=dict(TINY["dit_overrides"], in_channels=16)))
+    with pytest.raises(BadInputError, match="latent channels"): train(CLIPS, v8, tmp_path / "o3", config=clash, verbose=False)
     with pytest.raises(BadInputError, match="VAE folder"): train(CLIPS, tmp_path, tmp_path / "o4", verbose=False)
     assert not any((tmp_path / f"o{i}").exists() for i in (2, 3, 4))
 
