@@ -634,7 +634,7 @@ def apply_rope(x:Tensor,    # (B, H, N, D), D even
     if resolve_backend(backend, x) == "torch": return apply_rope_ref(x, cos, sin)
     return rope_fwd(x, cos, sin)
 
-# %% ../nbs/05_kernels.ipynb #c1d36e90
+# %% ../nbs/05_kernels.ipynb #4c9cdaa6
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KVL, qk_scale, H, NQ, NK, D,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -673,7 +673,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KVL, qk_scale, H, NQ, NK, D,
              mask=(offs_m < NQ)[:, None] & dmask[None, :])
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), 0.0), mask=offs_m < NQ)
 
-# %% ../nbs/05_kernels.ipynb #57c53092
+# %% ../nbs/05_kernels.ipynb #4e4094fa
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KVL, qk_scale, sm_scale, H, NQ, NK, D,
                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -747,7 +747,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KVL, qk_scale, sm_scale, H,
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=qmask[:, None] & dmask[None, :])
 
-# %% ../nbs/05_kernels.ipynb #d1599209
+# %% ../nbs/05_kernels.ipynb #b3474b7c
 LOG2E = 1.4426950408889634
 _INTERP_BLOCK = 32
 
@@ -774,7 +774,7 @@ def _attn_consts(q:Tensor)->dict:
     return dict(BLOCK_D=max(16, _np2(q.shape[-1])), UPCAST=INTERPRET or q.dtype == torch.float32,
                 PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
-# %% ../nbs/05_kernels.ipynb #55b01157
+# %% ../nbs/05_kernels.ipynb #ee8fa7cb
 @torch.library.custom_op(f"{OPS_NAMESPACE}::attention_fwd", mutates_args=())
 def attention_fwd(q:Tensor, k:Tensor, v:Tensor, kv_lens:Tensor, scale:float)->tuple[Tensor, Tensor]:
     "Triton flash-attention forward: (o, lse) with lse in log2 units."
@@ -824,7 +824,7 @@ def _attn_backward(ctx, do, dlse):
 
 attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
 
-# %% ../nbs/05_kernels.ipynb #89b7a7d1
+# %% ../nbs/05_kernels.ipynb #ad6c2e36
 def _key_mask(kv_lens:Tensor, nk:int, device)->Tensor:
     "(B, Nk) True where a key is real."
     return torch.arange(nk, device=device)[None, :] < kv_lens.to(device)[:, None]
@@ -847,7 +847,7 @@ def attention_sdpa(q:Tensor, k:Tensor, v:Tensor, kv_lens:Tensor|None=None, scale
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=scale)
     return o.masked_fill(~keep.any(-1)[:, None, None, None], 0.0)
 
-# %% ../nbs/05_kernels.ipynb #c2d65358
+# %% ../nbs/05_kernels.ipynb #0bd4e190
 def attention(q:Tensor,                    # (B, H, Nq, D)
               k:Tensor,                    # (B, H, Nk, D)
               v:Tensor,                    # (B, H, Nk, D)
@@ -871,7 +871,7 @@ def attention(q:Tensor,                    # (B, H, Nq, D)
           else kv_lens.to(device=q.device, dtype=torch.int32))
     return attention_fwd(q, k, v, kl, scale)[0]
 
-# %% ../nbs/05_kernels.ipynb #13ee89fe
+# %% ../nbs/05_kernels.ipynb #14d6acd4
 TOLERANCE_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 def _scaled_err(a:Tensor, truth:Tensor)->float:
