@@ -151,7 +151,7 @@ def chunk_frames(n_latent:int,   # latent frames of the video
     first = lambda j: 0 if j == 0 else 1 + temporal * (j - 1)
     return [(range(a, b), range(first(a), 1 + temporal * (b - 1))) for a in range(0, n_latent, chunk) for b in [min(a + chunk, n_latent)]]
 
-# %% ../nbs/13_widgets.ipynb #d64be2af
+# %% ../nbs/13_widgets.ipynb #e57aedd2
 def latent_mosaic(z:torch.Tensor,  # (C, h, w) one latent frame
                   cols:int=4)->np.ndarray:
     "The channels tiled into one (rows (h+1) - 1, cols (w+1) - 1) array, NaN between tiles."
@@ -163,12 +163,14 @@ def latent_mosaic(z:torch.Tensor,  # (C, h, w) one latent frame
     return out
 
 def _to_video(frames:np.ndarray)->torch.Tensor:
-    "(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1]."
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    "(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1] (chapter 04's `to_model`, batched)."
+    from omnihuman_nb.vae_train import to_model
+    return to_model(np.ascontiguousarray(frames))[None]
 
 def _to_frames(x:torch.Tensor)->np.ndarray:
-    "(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."
-    return ((x[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    "(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 (chapter 04's `to_uint8`)."
+    from omnihuman_nb.vae_train import to_uint8
+    return to_uint8(x[0])
 
 # %% ../nbs/13_widgets.ipynb #8a8022ab
 class VAEExplorer(Explorer):
