@@ -32,7 +32,9 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
-    package_data={cfg['lib_path']: ['assets/*.safetensors']},   # the trained probes of chapter 11
+    package_data={cfg['lib_path']: ['assets/*.safetensors',                          # the trained probes of chapter 11
+                                 'assets/classroom/*.json', 'assets/classroom/vae/*', # the demo's classroom weights (chapter 15)
+                                 'assets/classroom/dit/*.json', 'assets/classroom/dit/model/*']},
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + min_python,

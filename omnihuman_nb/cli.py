@@ -67,7 +67,7 @@ def command_parser(cmd:Command, prog:str="omnihuman")->argparse.ArgumentParser:
         p.add_argument(a.flag, dest=a.dest, help=h, **kw)
     return p
 
-# %% ../nbs/14_cli.ipynb #c24c78fd
+# %% ../nbs/14_cli.ipynb #fa411888
 def _bad_clips_status(r): return 1 if r.get("n_bad") else 0
 
 # flags every benchmark shares
@@ -76,6 +76,15 @@ THREADS = Arg("--threads", help="torch CPU threads", kw=dict(type=int))
 REPEATS = Arg("--repeats", help="timed rounds (medians are reported)")
 
 COMMANDS = [
+    Command("demo", None, "The main job: a talking, a gesturing and a 10-second puppet from the shipped classroom weights, scored, with an HTML report",
+            "omnihuman_nb.demo:demo", [
+        Arg("--out", help="folder for the videos, metrics.json and report.html"),
+        Arg("--model", help="weights instead of the shipped ones: a bundle, a pipeline folder or a `demo --train` run", kw=dict(type=str)),
+        Arg("--train", help="first make the weights with the recipe (about 30 min on 2 CPU cores), then use them"),
+        Arg("--steps", help="sampling steps per segment"),
+        Arg("--seed", help="sampling seed"),
+        Arg("--max-seconds", help="cut every video to this length (a quick look)", kw=dict(type=float)),
+        Arg("--device", help="auto, cpu or cuda")]),
     Command("data", "render", "Render puppet clips with mixed audio/pose availability", "omnihuman_nb.data:render_dataset", [
         Arg("--out", help="folder to write the clips into"),
         Arg("--clips", help="number of clips"),

@@ -185,7 +185,7 @@ def adaptive_weight(rec_loss:torch.Tensor, g_loss:torch.Tensor, last:torch.Tenso
     gg = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
     return (gr.norm() / (gg.norm() + 1e-4)).clamp(0, max_w).detach()
 
-# %% ../nbs/04_vae_training.ipynb #0699ad0c
+# %% ../nbs/04_vae_training.ipynb #9b30a360
 def to_model(frames:np.ndarray|torch.Tensor)->torch.Tensor:
     "uint8 frames (..., T, H, W, 3) -> float video (..., 3, T, H, W) in [-1, 1]."
     t = torch.as_tensor(frames).float() / 127.5 - 1
@@ -196,7 +196,9 @@ def to_uint8(video:torch.Tensor)->np.ndarray:
     return ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
 
 def sample_batch(clips:list[dict], rng:random.Random, video_frames:int=9, batch_size:int=2,
-                 image_batch_size:int=8, image_ratio:float=0.3)->torch.Tensor:
+                 image_batch_size:int=8, image_ratio:float=0.3,
+                 crop:int|None=None,      # random crop of this size (one per batch); None: whole frames
+                 align:int=1)->torch.Tensor:   # crop corners on multiples of this (the VAE's spatial compression)
     "A training batch (B, 3, T, H, W) in [-1, 1]: images (T=1) with probability `image_ratio`, else video windows."
     image = rng.random() < image_ratio
     B, T = (image_batch_size, 1) if image else (batch_size, video_frames)
@@ -208,7 +210,13 @@ def sample_batch(clips:list[dict], rng:random.Random, video_frames:int=9, batch_
         v = c["frames"][s:s + T_]
         out.append(v[:, :, ::-1] if rng.random() < 0.5 else v)
     T_min = min(len(v) for v in out)
-    return to_model(np.stack([np.ascontiguousarray(v[:T_min]) for v in out]))
+    v = np.stack([v[:T_min] for v in out])
+    H, W = v.shape[2:4]
+    if crop is not None and crop < min(H, W):
+        check(crop >= align and crop % align == 0, "crop", f"a multiple of {align} (the spatial compression)", crop)
+        y0, x0 = align * rng.randrange((H - crop) // align + 1), align * rng.randrange((W - crop) // align + 1)
+        v = v[:, :, y0:y0 + crop, x0:x0 + crop]
+    return to_model(np.ascontiguousarray(v))
 
 # %% ../nbs/04_vae_training.ipynb #e19cb351
 @torch.no_grad()
@@ -217,14 +225,14 @@ def ema_update(ema:nn.Module, model:nn.Module, decay:float):
     for e, m in zip(ema.parameters(), model.parameters()): e.lerp_(m, 1 - decay)
     for e, m in zip(ema.buffers(), model.buffers()): e.copy_(m)
 
-# %% ../nbs/04_vae_training.ipynb #1442a563
+# %% ../nbs/04_vae_training.ipynb #60e65d1f
 @dataclasses.dataclass
 class VAETrainConfig(Config):
     "Settings of a VAE training run."
     size: int = 64                          # square frame size trained on
     block_out_channels: tuple[int, ...] = (48, 64, 96)
     layers_per_block: int = 1
-    latent_channels: int = 16
+    latent_channels: int = 32
     spatial_compression: int = 4            # H, W factor, patch_size included
     patch_size: int = 4                     # pixels per side folded into channels first
     temporal_compression: int = 4
@@ -233,6 +241,7 @@ class VAETrainConfig(Config):
     batch_size: int = 2                     # video windows per video batch
     image_batch_size: int = 8               # frames per image batch
     image_ratio: float = 0.3                # share of steps that train on images
+    crop: int | None = 32                   # train on random crops this size (None: whole frames); evaluation uses whole frames
     lr: float = 4e-4                        # Adam moves each weight ~lr a step: 1e-3 blows up the 3D convs' activations
     warmup: int = 30                        # linear lr warm-up steps
     min_lr_frac: float = 0.1                # cosine decay to this fraction of lr over the run
@@ -296,7 +305,7 @@ def latent_stats(vae:CausalVAE, clips:list[dict], max_clips:int=16, max_frames:i
     z = torch.cat(zs, 1)
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
 
-# %% ../nbs/04_vae_training.ipynb #2b3a2d92
+# %% ../nbs/04_vae_training.ipynb #eaf5d9fd
 def _save_ckpt(path:Path, **state):
     tmp = path.with_suffix(".tmp"); torch.save(state, tmp); os.replace(tmp, path)
 
@@ -355,7 +364,7 @@ def train_vae(data_dir,                         # folder of clips (see load_clip
         prog = max(step / steps if steps else 0.0, spent / (60 * minutes) if minutes else 0.0)
         for g in opt.param_groups: g["lr"] = cfg.lr * _lr_factor(step, prog, cfg)
         vae.train()
-        x = sample_batch(train, rng, cfg.video_frames, cfg.batch_size, cfg.image_batch_size, cfg.image_ratio)
+        x = sample_batch(train, rng, cfg.video_frames, cfg.batch_size, cfg.image_batch_size, cfg.image_ratio, cfg.crop, cfg.spatial_compression)
         rec, post = vae(x, generator=gen)
         loss, parts = reconstruction_loss(x, rec, post, cfg.ssim_weight, cfg.kl_weight)
         if disc is not None and step >= cfg.disc_start:

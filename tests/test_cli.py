@@ -91,3 +91,26 @@ def test_eval_scores_a_real_clip_and_refuses_a_mix(tmp_path):
     assert st == 2 and e.startswith("error: what to score")
     st, o, e = omnihuman("eval", "--video", clip / "video.mp4", "--model", tmp_path)
     assert st == 2 and "got both" in e
+
+def test_demo_with_the_shipped_weights(tmp_path):
+    "`omnihuman demo` as the README runs it, cut to a quick look: three mp4s with the right sound, metrics.json, report.html."
+    from omnihuman_nb.data import read_video
+    from omnihuman_nb.demo import CLASSROOM_DIR
+    import av
+    assert (CLASSROOM_DIR / "vae" / "config.json").is_file() and (CLASSROOM_DIR / "dit" / "model" / "config.json").is_file(), \
+        "the classroom weights ship with the package"
+    out = tmp_path / "demo"
+    st, o, e = omnihuman("demo", "--out", out, "--steps", 2, "--max-seconds", 1.6)
+    assert st == 0, e[-2000:]
+    assert f"outputs are in {out}" in o and "report.html" in o
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["videos"]) == {"audio_driven", "pose_driven", "long"}
+    assert m["info"]["weights"] == str(CLASSROOM_DIR)
+    for name, v in m["videos"].items():
+        frames, fps = read_video(out / f"{name}.mp4")
+        assert frames.shape == (40, 256, 256, 3) and fps == 25
+        with av.open(str(out / f"{name}.mp4")) as c:
+            assert (len(c.streams.audio) == 1) == (name != "pose_driven"), name   # sound where audio drove it
+    assert m["videos"]["audio_driven"]["sync_r"] is not None and m["videos"]["pose_driven"]["pck"] is not None
+    html = (out / "report.html").read_text()
+    assert all(f'src="{n}.mp4"' in html for n in m["videos"])
