@@ -158,10 +158,10 @@ class PuppetProbe(nn.Module):
         ident = self.identity(feats)
         return dict(keypoints=kp, mouth=self.mouth(face).squeeze(1), identity=ident, attr_logits=self.attrs(ident), features=feats)
 
-# %% ../nbs/11_metrics.ipynb #f1586e21
+# %% ../nbs/11_metrics.ipynb #c4c15be0
 def to_probe_input(frames)->torch.Tensor:
     "`(B, 64, 64, 3)` uint8 frames (array or tensor) -> `(B, 3, 64, 64)` float in [-1, 1]."
-    return torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.array(frames, np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 def augment_frames(x:torch.Tensor, g:torch.Generator)->torch.Tensor:
     "What generated and compressed video does to frames: blur (30%), 4:2:0 chroma (30%), noise; colours are left alone, identity lives in them."
