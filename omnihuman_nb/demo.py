@@ -222,7 +222,7 @@ def write_report(results:list[dict], path, info:dict|None=None)->Path:
     tmp = path.with_suffix(".partial.html"); tmp.write_text(doc); tmp.replace(path)
     return path
 
-# %% ../nbs/15_demo.ipynb #942aa32a
+# %% ../nbs/15_demo.ipynb #ce337a70
 def demo(out="outputs/demo",             # where the videos, metrics.json and report.html go
          model=None,                     # None: the shipped classroom weights; or a bundle, a pipeline folder, a train_classroom run
          train:bool=False,               # make the weights first with the recipe (about 30 minutes on 2 CPU cores)
