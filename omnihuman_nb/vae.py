@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['CausalConv3d', 'RMSNorm3d', 'ResBlock3d', 'FrameAttention', 'Downsample3d', 'Upsample3d', 'fold_pixels',
-           'unfold_pixels', 'Encoder3d', 'Decoder3d', 'DiagonalGaussian', 'tiled_apply', 'CausalVAE', 'TensorMemory']
+           'unfold_pixels', 'Encoder3d', 'Decoder3d', 'fold_frames', 'unfold_frames', 'shortcut_down', 'shortcut_up',
+           'DiagonalGaussian', 'tiled_apply', 'CausalVAE', 'TensorMemory']
 
 # %% ../nbs/03_causal_vae.ipynb #b34a92e5
 import contextlib, math, weakref
@@ -177,7 +178,38 @@ class Decoder3d(nn.Module):
 
     def forward(self, z): return unfold_pixels(self.conv_out(F.silu(self.norm_out(self.blocks(self.mid(self.conv_in(z)))))), self.patch)
 
-# %% ../nbs/03_causal_vae.ipynb #7bda0e5c
+# %% ../nbs/03_causal_vae.ipynb #edbb1c4f
+def fold_frames(x:torch.Tensor, tf:int, start:bool)->torch.Tensor:
+    "(B, C, T, h, w) -> (B, C*tf, t, h, w): each group of `tf` frames becomes channels (frame index innermost). At the `start` of a video frame 0 is a group alone, copied `tf` times."
+    if start: x = torch.cat([x[:, :, :1].expand(-1, -1, tf - 1, -1, -1), x], 2)
+    B, C, T, h, w = x.shape
+    check(T % tf == 0, "frames for the shortcut", f"1+{tf}k at the start of a video, {tf}k after it", T - (tf - 1 if start else 0))
+    return x.view(B, C, T // tf, tf, h, w).transpose(2, 3).reshape(B, C * tf, T // tf, h, w)
+
+def unfold_frames(x:torch.Tensor, tf:int, start:bool)->torch.Tensor:
+    "Inverse of `fold_frames`: (B, C*tf, t, h, w) -> (B, C, t*tf, h, w), or (B, C, 1+(t-1)*tf, h, w) at the `start` (the last copy of frame 0 kept)."
+    B, Ct, t, h, w = x.shape
+    x = x.view(B, Ct // tf, tf, t, h, w).transpose(2, 3).reshape(B, Ct // tf, t * tf, h, w)
+    return x[:, :, tf - 1:] if start else x
+
+def shortcut_down(x:torch.Tensor,   # video (B, c, T, H, W)
+                  s:int, tf:int,    # spatial and temporal factors
+                  z:int,            # latent channels (must divide c*s*s*tf)
+                  start:bool)->torch.Tensor:
+    "Parameter-free path from pixels to latents (B, z, t, H/s, W/s): fold pixels and frames into channels, average runs of channels down to `z`."
+    f = fold_frames(fold_pixels(x, s), tf, start)
+    B, C, t, h, w = f.shape
+    check(C % z == 0, "latent_channels with the shortcut", f"a divisor of {C} (= {x.shape[1]}·{s}²·{tf})", z)
+    return f.view(B, z, C // z, t, h, w).mean(2)
+
+def shortcut_up(z:torch.Tensor,     # latents (B, z, t, h, w)
+                s:int, tf:int,
+                c:int,              # video channels
+                start:bool)->torch.Tensor:
+    "Parameter-free path from latents to pixels (B, c, T, h*s, w*s): repeat each channel, unfold frames and pixels."
+    return unfold_pixels(unfold_frames(z.repeat_interleave(c * s * s * tf // z.shape[1], 1), tf, start), s)
+
+# %% ../nbs/03_causal_vae.ipynb #5d666c49
 class DiagonalGaussian:
     "A diagonal Gaussian over latents, from moments (B, 2z, ...) split into mean and log-variance."
     def __init__(self, moments:torch.Tensor):
@@ -196,7 +228,7 @@ class DiagonalGaussian:
         "KL to N(0, I), per sample, summed over every latent value."
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)
 
-# %% ../nbs/03_causal_vae.ipynb #0174880e
+# %% ../nbs/03_causal_vae.ipynb #33eee910
 def _ramp(n:int, ov:int, lo_edge:bool, hi_edge:bool)->torch.Tensor:
     "Blend weights along one axis of a tile: linear ramps over `ov` at interior edges, 1 elsewhere."
     w = torch.ones(n)
@@ -226,7 +258,7 @@ def tiled_apply(fn, x:torch.Tensor, tile:int, overlap:int, scale:float)->torch.T
             wsum[oy:oy + h, ox:ox + w] += wt
     return out / wsum
 
-# %% ../nbs/03_causal_vae.ipynb #b09b25bb
+# %% ../nbs/03_causal_vae.ipynb #fd13db1d
 class CausalVAE(ModelMixin, ConfigMixin):
     "Causal 3D VAE: (B, 3, 1+4k, H, W) in [-1, 1] <-> latents (B, z, 1+k, H/8, W/8), streamable in chunks."
     @register_to_config
@@ -239,6 +271,7 @@ class CausalVAE(ModelMixin, ConfigMixin):
                  patch_size:int=1,                                   # pixels per side folded into channels before the first conv
                  temporal_compression:int=4,                         # T factor after the first frame (power of 2)
                  mid_attention:bool=False,                           # per-frame attention in the middle blocks
+                 shortcut:bool=False,                                # add the parameter-free pixel <-> latent path around both networks
                  latents_mean:list|None=None,                        # per-channel latent mean (measured in training)
                  latents_std:list|None=None):                        # per-channel latent std
         super().__init__()
@@ -247,6 +280,8 @@ class CausalVAE(ModelMixin, ConfigMixin):
               f"a positive int dividing spatial_compression={spatial_compression}", patch_size)
         ns = _levels(n, spatial_compression // patch_size, "spatial_compression" + (" / patch_size" if patch_size > 1 else ""))
         nt = _levels(n, temporal_compression, "temporal_compression")
+        C = in_channels * spatial_compression ** 2 * temporal_compression
+        check(not shortcut or C % latent_channels == 0, "latent_channels with the shortcut", f"a divisor of {C} (= {in_channels}·{spatial_compression}²·{temporal_compression})", latent_channels)
         kw = dict(z_ch=latent_channels, chs=tuple(block_out_channels), layers=layers_per_block, ns=ns, nt=nt, attn=mid_attention, patch=patch_size)
         self.encoder, self.decoder = Encoder3d(in_channels, **kw), Decoder3d(in_channels, **kw)
         self.use_tiling, self.tile, self.tile_overlap = False, 256, 64
@@ -260,6 +295,9 @@ class CausalVAE(ModelMixin, ConfigMixin):
             if isinstance(m, nn.Conv3d) and id(m) not in zero:
                 nn.init.normal_(m.weight, 0.0, m.weight[0].numel() ** -0.5); nn.init.zeros_(m.bias)
         self.encoder.conv_out.bias[self.config.latent_channels:] = -6.0   # narrow posterior at the start (std ~0.05)
+        if self.config.shortcut:   # an untrained VAE is the shortcut alone: the networks learn residuals
+            z = self.config.latent_channels
+            for w in (self.encoder.conv_out.weight[:z], self.encoder.conv_out.bias[:z], self.decoder.conv_out.weight, self.decoder.conv_out.bias): w.zero_()
 
     # --- state for streaming -------------------------------------------------
     def reset_stream(self):
@@ -311,14 +349,26 @@ class CausalVAE(ModelMixin, ConfigMixin):
         check_finite(z, "latents")
 
     # --- encode / decode ---------------------------------------------------------
+    def _enc(self, x, start:bool):
+        "Moments of one chunk (`start`: it holds frame 0), the shortcut added to the mean."
+        m, c = self.encoder(x), self.config
+        if not c.shortcut: return m
+        z = c.latent_channels
+        return torch.cat([m[:, :z] + shortcut_down(x, c.spatial_compression, c.temporal_compression, z, start), m[:, z:]], 1)
+
+    def _dec(self, z, start:bool):
+        "Frames of one chunk of latents (`start`: it holds latent frame 0), the shortcut added."
+        out, c = self.decoder(z), self.config
+        return out + shortcut_up(z, c.spatial_compression, c.temporal_compression, c.in_channels, start) if c.shortcut else out
+
     def _encode_moments(self, x, chunk):
         tf = self.config.temporal_compression
         with self._fresh():
-            if chunk is None: return self.encoder(x)
+            if chunk is None: return self._enc(x, True)
             check(isinstance(chunk, int) and chunk >= 1, "chunk", "a positive int (latent frames per chunk) or None", chunk)
             cuts = [0, 1 + tf * (chunk - 1)]
             while cuts[-1] < x.shape[2]: cuts.append(cuts[-1] + tf * chunk)
-            return torch.cat([self.encoder(x[:, :, a:b]) for a, b in zip(cuts, cuts[1:]) if a < x.shape[2]], 2)
+            return torch.cat([self._enc(x[:, :, a:b], a == 0) for a, b in zip(cuts, cuts[1:]) if a < x.shape[2]], 2)
 
     def encode(self,
                x:torch.Tensor,      # video (B, 3, 1+4k, H, W) in [-1, 1]
@@ -337,7 +387,7 @@ class CausalVAE(ModelMixin, ConfigMixin):
         self.check_latents(z)
         check(isinstance(chunk, int) and chunk >= 1, "chunk", "a positive int (latent frames per chunk)", chunk)
         with self._fresh():
-            for a in range(0, z.shape[2], chunk): yield self.decoder(z[:, :, a:a + chunk])
+            for a in range(0, z.shape[2], chunk): yield self._dec(z[:, :, a:a + chunk], a == 0)
 
     def decode(self,
                z:torch.Tensor,       # latents (B, z, 1+k, h, w)
@@ -352,7 +402,7 @@ class CausalVAE(ModelMixin, ConfigMixin):
 
     def _decode(self, z, chunk):
         if chunk is None:
-            with self._fresh(): return self.decoder(z)
+            with self._fresh(): return self._dec(z, True)
         return torch.cat(list(self.decode_stream(z, chunk)), 2)
 
     def forward(self, x:torch.Tensor, sample:bool=True, generator:torch.Generator|None=None):
@@ -376,7 +426,7 @@ class CausalVAE(ModelMixin, ConfigMixin):
         "Unit-variance latents -> latents for `decode`."
         mean, std = self._stats(z); return z * std + mean
 
-# %% ../nbs/03_causal_vae.ipynb #8ae11ec1
+# %% ../nbs/03_causal_vae.ipynb #6b24235a
 class TensorMemory(TorchDispatchMode):
     "Context manager measuring peak bytes of live torch tensor storage created inside it (CPU or GPU)."
     def __enter__(self):

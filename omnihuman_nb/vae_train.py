@@ -225,18 +225,19 @@ def ema_update(ema:nn.Module, model:nn.Module, decay:float):
     for e, m in zip(ema.parameters(), model.parameters()): e.lerp_(m, 1 - decay)
     for e, m in zip(ema.buffers(), model.buffers()): e.copy_(m)
 
-# %% ../nbs/04_vae_training.ipynb #60e65d1f
+# %% ../nbs/04_vae_training.ipynb #714c56fb
 @dataclasses.dataclass
 class VAETrainConfig(Config):
     "Settings of a VAE training run."
     size: int = 64                          # square frame size trained on
     block_out_channels: tuple[int, ...] = (48, 64, 96)
     layers_per_block: int = 1
-    latent_channels: int = 32
+    latent_channels: int = 48               # with the shortcut: 3·4²·4 / 48 = the 4 frames of a pixel colour per channel
     spatial_compression: int = 4            # H, W factor, patch_size included
     patch_size: int = 4                     # pixels per side folded into channels first
     temporal_compression: int = 4
     mid_attention: bool = False
+    shortcut: bool = True                   # the parameter-free pixel <-> latent path of chapter 03
     video_frames: int = 9                   # frames per video window (1+4k)
     batch_size: int = 2                     # video windows per video batch
     image_batch_size: int = 8               # frames per image batch
@@ -259,7 +260,8 @@ class VAETrainConfig(Config):
     def vae_kwargs(self)->dict:
         return dict(block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
                     latent_channels=self.latent_channels, spatial_compression=self.spatial_compression,
-                    patch_size=self.patch_size, temporal_compression=self.temporal_compression, mid_attention=self.mid_attention)
+                    patch_size=self.patch_size, temporal_compression=self.temporal_compression, mid_attention=self.mid_attention,
+                    shortcut=self.shortcut)
 
 # %% ../nbs/04_vae_training.ipynb #cb91cb2d
 @torch.no_grad()
