@@ -566,19 +566,21 @@ def evaluate_video(video,                      # an mp4 path, or (T, H, W, 3) ui
     _write_json(res, json_path)
     return res
 
-# %% ../nbs/11_metrics.ipynb #4232e50f
+# %% ../nbs/11_metrics.ipynb #77b4aa12
 def _mean(vals): vals = [v for v in vals if v is not None]; return float(np.mean(vals)) if vals else None
 
 def _summarise(rows:list[dict])->dict:
     return {k: _mean([r.get(k) for r in rows]) for k in ("sync_r", "sync_lag", "kp_err", "pck", "hand_var", "identity_drift", "flicker_raw")}
 
-def evaluate_model(model_dir:str|Path,            # a pipeline folder (`omnihuman pipeline assemble`, OmniHumanPipeline.save_pretrained)
+def evaluate_model(model_dir,                     # a pipeline folder (`omnihuman pipeline assemble`, OmniHumanPipeline.save_pretrained), or a loaded pipeline
                    data_dir:str|Path,             # a rendered dataset; its held-out clips are scored
                    json_path:str|Path|None=None,  # also write the results here
                    max_clips:int|None=None,       # score at most this many held-out clips
                    steps:int=20,                  # Euler steps per segment
                    cfg_audio:float=3.0, cfg_text:float=2.0,
+                   anneal:str="linear",           # CFG annealing: "linear", "cosine" or "none" (constant scales)
                    seed:int=0,
+                   modes:tuple|None=None,         # generate only these of ("audio", "pose", "text"); clips without them are skipped
                    max_lag:int=5,                 # sync lag search, frames each way
                    segment_frames:int|None=None,  # identity drift segments (None: the pipeline's segment length)
                    probes:str|Path|None=None,     # probe weights (None: the shipped ones)
@@ -593,12 +595,17 @@ def evaluate_model(model_dir:str|Path,            # a pipeline folder (`omnihuma
         clips, _ = usable_clips(data_dir, 3, split="heldout")
     check(len(clips) > 0, "held-out clips", f"at least one clip of 3+ frames with split 'heldout' under {data_dir}", "none",
           hint="Render a dataset with `omnihuman data render` (it holds out identities 6 and 7).")
-    clips = clips[:max_clips] if max_clips else clips
-    pipe = OmniHumanPipeline.from_pretrained(model_dir).to(get_device(device))
+    check(modes is None or (len(modes) > 0 and set(modes) <= {"audio", "pose", "text"}), "modes", "some of ('audio', 'pose', 'text')", modes)
+    if isinstance(model_dir, OmniHumanPipeline): pipe = model_dir
+    else: pipe = OmniHumanPipeline.from_pretrained(model_dir).to(get_device(device))
     pipe.set_progress_bar_config(disable=True)
     probe, seg, t0 = load_probes(probes), segment_frames or pipe.config.segment_frames, time.perf_counter()
     loaded = [read_clip(c) for c in clips]
-    jobs = [(i, m) for i, c in enumerate(loaded) for m in (["audio"] * (c.audio is not None) + ["pose"] * (c.keypoints is not None) or ["text"])]
+    wanted = lambda c: [m for m in (["audio"] * (c.audio is not None) + ["pose"] * (c.keypoints is not None) or ["text"]) if modes is None or m in modes]
+    keep = [i for i, c in enumerate(loaded) if wanted(c)][:max_clips or None]
+    check(len(keep) > 0, "held-out clips", f"at least one with a {' or '.join(modes or [])} job under {data_dir}", "none")
+    clips, loaded = [clips[i] for i in keep], [loaded[i] for i in keep]
+    jobs = [(i, m) for i, c in enumerate(loaded) for m in wanted(c)]
     def inputs(c, mode):
         T, H, W = c.video.shape[:3]
         return (_load_audio(c.audio, T, FPS) if mode in ("audio", "real") and c.audio is not None else None,
@@ -610,7 +617,7 @@ def evaluate_model(model_dir:str|Path,            # a pipeline folder (`omnihuma
     gen_rows, gen_feats = [], []
     for i, mode in tqdm(jobs, desc=f"generating {len(jobs)} videos from {len(clips)} held-out clips", disable=not verbose):
         c = loaded[i]; T, H, W = c.video.shape[:3]
-        kw = dict(text=c.caption or None, frames=T, steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text, seed=seed)
+        kw = dict(text=c.caption or None, frames=T, steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed)
         if mode in ("audio", "pose") and c.audio is not None: kw["audio"] = c.audio
         if mode == "pose": kw["pose"] = (c.keypoints, c.visibility, (H, W))
         with torch.no_grad(): frames = pipe(c.video[0], **kw).frames[:T]
@@ -623,8 +630,8 @@ def evaluate_model(model_dir:str|Path,            # a pipeline folder (`omnihuma
     real["fd"] = frechet_distance(np.concatenate([f[:len(f) // 2] for f in real_feats]), np.concatenate([f[len(f) // 2:] for f in real_feats]))  # the floor: first vs second halves
     gen["flicker"], real["flicker"] = gen["flicker_raw"] / max(real["flicker_raw"], 1e-9), 1.0
     real["hand_var"] = _mean([r["hand_var"] for r, c in zip(real_rows, loaded) if c.audio is not None])   # the clips audio-driven videos copy
-    res = dict(gen, model=str(model_dir), data=str(data_dir), clips=len(clips), videos={m: sum(j[1] == m for j in jobs) for m in ("audio", "pose", "text")},
-               steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text, seed=seed, seconds=round(time.perf_counter() - t0, 1), real=real,
+    res = dict(gen, model=str(model_dir) if not isinstance(model_dir, OmniHumanPipeline) else "pipeline", data=str(data_dir), clips=len(clips), videos={m: sum(j[1] == m for j in jobs) for m in ("audio", "pose", "text")},
+               steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed, seconds=round(time.perf_counter() - t0, 1), real=real,
                per_video=[{k: v for k, v in r.items() if k != "sync_curve"} for r in gen_rows])
     if verbose:
         print(f"{len(jobs)} videos ({', '.join(f'{n} {m}' for m, n in res['videos'].items() if n)}) from {len(clips)} held-out clips of {data_dir}")
@@ -632,7 +639,7 @@ def evaluate_model(model_dir:str|Path,            # a pipeline folder (`omnihuma
     _write_json(res, json_path)
     return res
 
-# %% ../nbs/11_metrics.ipynb #299d9ad9
+# %% ../nbs/11_metrics.ipynb #240a83ab
 def evaluate(video=None,                   # one video to score (mode 1) ...
              model_dir=None,               # ... or a pipeline folder (mode 2, with data_dir)
              data_dir=None,                # the rendered dataset whose held-out clips mode 2 generates from

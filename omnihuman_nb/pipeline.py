@@ -178,7 +178,7 @@ def plan_segments(n_frames:int,           # frames the video needs
         start += out[-1].keep
     return out
 
-# %% ../nbs/10_pipeline.ipynb #f827fc8a
+# %% ../nbs/10_pipeline.ipynb #addcabb2
 COMPONENTS = ("vae", "transformer", "text_encoder", "audio_features", "scheduler")
 
 @dataclasses.dataclass
@@ -198,7 +198,7 @@ class OmniHumanPipeline(DiffusionPipeline):
                  width:int=64,              # video width
                  segment_frames:int=49,     # frames per segment (1 + 4k), as in training
                  motion_frames:int=5,       # frames of the previous segment each next segment sees (1 + 4k)
-                 motion:str="pixels",       # "pixels": re-encode the last motion_frames frames; "latents": one latent stream, motion = its last motion_latents
+                 motion:str="pixels",       # "pixels": re-encode the last motion_frames frames; "latents": one latent stream, motion = its last motion_latents; "none": no motion frames (each segment from the reference alone)
                  motion_latents:int=1,      # latent frames of motion context in "latents" mode (what chapter 09's trainer feeds)
                  decode_chunk:int=4,        # latent frames decoded at a time: bounds memory within a segment; any value gives the same frames
                  shift:float|None=None):    # time shift; None: from the token count (`flow.shift_for_tokens`)
@@ -217,7 +217,7 @@ class OmniHumanPipeline(DiffusionPipeline):
         for k in ("segment_frames", "motion_frames"):
             v = self.config[k]
             check(isinstance(v, int) and v >= 1 and (v - 1) % t == 0, k, f"1 + {t}k frames", v)
-        check(motion in ("pixels", "latents"), "motion", "'pixels' or 'latents'", repr(motion))
+        check(motion in ("pixels", "latents", "none"), "motion", "'pixels', 'latents' or 'none'", repr(motion))
         check(isinstance(motion_latents, int) and motion_latents >= 1, "motion_latents", "an int >= 1", motion_latents)
         self.check_size(height, width)
 
@@ -415,7 +415,7 @@ def _nan_check(x, step, steps, seg, n_seg):
                             f"{int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf",
                             hint="Sampling stopped there. The model produces non-finite velocities: check the checkpoint, or lower the CFG scales.")
 
-# %% ../nbs/10_pipeline.ipynb #417cd336
+# %% ../nbs/10_pipeline.ipynb #f92508a8
 @torch.no_grad()
 def _iter_segments(self, plan:GenerationPlan,
                   callback:Callable|None=None   # callback(dict(segment, segments, step, steps, t, latents, x0)) after every step
@@ -433,7 +433,7 @@ def _iter_segments(self, plan:GenerationPlan,
     try:
         for seg in plan.segments:
             c = seg.condition_frames(vt)
-            if prev is None: motion = None
+            if prev is None or self.config.motion == "none": motion = None
             else: motion = z[:, :, -self.config.motion_latents:] if continuous else self.encode_frames(prev[-M:])
             cond = dict(text=text, text_lens=text_lens, ref=ref, motion=motion, audio=feats[c][None] if feats is not None else None,
                         pose=pose_heatmaps(plan.keypoints[c], plan.visibility[c], (H, W))[None].to(dev) if plan.keypoints is not None else None)
@@ -452,7 +452,7 @@ def _iter_segments(self, plan:GenerationPlan,
             z = self.sample_latents(dit_velocity(dit, cond), noise, times, plan.audio_cfg, plan.text_cfg, plan.sampler, cb)
             dc = self.config.decode_chunk
             if continuous:   # the decoder's frame caches carry on from the previous segment
-                prev = np.concatenate([_to_frames(self.vae.decoder(self.vae.denormalize(z[:, :, a:a + dc]))) for a in range(0, seg.latents, dc)])
+                prev = np.concatenate([_to_frames(self.vae.decode_next(self.vae.denormalize(z[:, :, a:a + dc]))) for a in range(0, seg.latents, dc)])
             else: prev = np.concatenate(list(self.decode_latents(z, dc)))
             yield seg, prev[:seg.keep]
     finally: self.vae.reset_stream()
@@ -479,7 +479,7 @@ def plan_info(plan:GenerationPlan, elapsed:float|None=None)->dict:
 
 OmniHumanPipeline.__call__ = _call
 
-# %% ../nbs/10_pipeline.ipynb #d6973b5b
+# %% ../nbs/10_pipeline.ipynb #42b1ed7c
 def export_mp4(frames,                        # (T, H, W, 3) uint8, or an iterable of such chunks (streamed)
                audio:np.ndarray|None,         # mono float32 at `sr`, or None for a silent video
                path:str|Path,                 # the .mp4 to write
@@ -527,7 +527,7 @@ def export_mp4(frames,                        # (T, H, W, 3) uint8, or an iterab
         if os.path.exists(tmp): os.unlink(tmp)
     return path
 
-# %% ../nbs/10_pipeline.ipynb #298bdb9f
+# %% ../nbs/10_pipeline.ipynb #ed089cb5
 @classmethod
 def _from_pretrained(cls, path, **kw):
     "Load a folder written by `save_pretrained`; a missing component is a `BadInputError` that names it."
@@ -550,7 +550,7 @@ def _from_pretrained(cls, path, **kw):
 
 OmniHumanPipeline.from_pretrained = _from_pretrained
 
-# %% ../nbs/10_pipeline.ipynb #742c76d7
+# %% ../nbs/10_pipeline.ipynb #6ae56585
 def _resolve_dit(dit)->tuple[Path, Path|None]:
     "(the DiT's model folder, its trainer checkpoint folder or None) from a DiT folder, a checkpoint or a training run."
     p = Path(dit)
@@ -594,7 +594,7 @@ def assemble_pipeline(dit:str|Path,                  # a DiT folder, a trainer c
         print(f"outputs are in {out}")
     return pipe
 
-# %% ../nbs/10_pipeline.ipynb #f9fd2f83
+# %% ../nbs/10_pipeline.ipynb #a28a3c3e
 def generate(model_dir:str|Path,            # a folder written by OmniHumanPipeline.save_pretrained
              ref:str|Path,                  # reference image
              audio:str|Path|None=None,      # driving speech (wav)
@@ -624,7 +624,7 @@ def generate(model_dir:str|Path,            # a folder written by OmniHumanPipel
     print(f"outputs are in {path}")
     return res
 
-# %% ../nbs/10_pipeline.ipynb #9ebacc35
+# %% ../nbs/10_pipeline.ipynb #c0fdfc3a
 def _bench_inputs(size, seconds, seed):
     "A synthetic reference (a gradient with a disc) and speech-like audio: content does not change the cost."
     yy, xx = np.mgrid[:size, :size] / size

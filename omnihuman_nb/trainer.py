@@ -448,7 +448,20 @@ def _prepare_out(out:Path, resume:bool, cfg:TrainConfig, run_info:dict)->Path|No
           hint="Resume with the config, stages and VAE of the original run, or start a new --out.")
     return ckpt
 
-# %% ../nbs/09_trainer.ipynb #3e67f98f
+# %% ../nbs/09_trainer.ipynb #3ce807d8
+def _init_checkpoint(init_from, model_cfg:dict, vae_id:str)->Path:
+    "The checkpoint a branch starts from, checked against this run's DiT config and VAE."
+    p = Path(init_from)
+    ck = p if (p / "trainer_state.json").exists() else latest_checkpoint(p) if p.is_dir() else None
+    check(ck is not None, "init_from", "a training run folder (with checkpoints/) or one checkpoint folder", str(p))
+    saved = json.loads((ck / "model" / "config.json").read_text())
+    diff = sorted(k for k in model_cfg if k in saved and json.loads(json.dumps(saved[k])) != json.loads(json.dumps(model_cfg[k])))
+    check(not diff, "init_from", "a run with this run's DiT config", f"{ck} differs in {diff}")
+    parent_vae = json.loads((ck / "trainer_state.json").read_text()).get("vae_id")
+    check(parent_vae == vae_id, "init_from", f"a run trained on this VAE ({vae_id})", f"{ck} used VAE {parent_vae}")
+    return ck
+
+# %% ../nbs/09_trainer.ipynb #b2f40d8b
 def train(data_dir,                          # folder of clip folders (see chapter 02)
           vae_dir,                           # a trained CausalVAE folder (train_vae's OUT or OUT/vae)
           out_dir,                           # where checkpoints, logs, curves and the latent cache go
@@ -460,6 +473,7 @@ def train(data_dir,                          # folder of clip folders (see chapt
           cache:bool=True,                   # cache VAE latents on disk (else encode at every step)
           cache_dir=None,                    # where the cache goes (default out_dir/latent_cache); keyed by the VAE's hash
           max_steps:int|None=None,           # stop (with a checkpoint) once this many steps are done in all
+          init_from=None,                    # start from another run's weights: its folder (latest checkpoint) or a checkpoint folder
           device="auto",
           verbose:bool=True)->dict:
     "Omni-conditions training of the DiT, stage by stage, on Accelerate; returns a summary dict."
@@ -482,6 +496,7 @@ def train(data_dir,                          # folder of clip folders (see chapt
     _check_vae_fits(vae, model_cfg, vdir)
     out = Path(out_dir)
     ckpt = _prepare_out(out, resume, cfg, dict(stages=[i + 1 for i in order], vae_id=vae_id))
+    init = _init_checkpoint(init_from, model_cfg, vae_id) if init_from is not None and ckpt is None else None
     dev = get_device(device)
     # a stage that leaves audio or pose off leaves their layers without gradients: DDP must be told
     acc = Accelerator(cpu=dev.type == "cpu", mixed_precision=_mixed_precision(cfg.mixed_precision, dev),
@@ -498,6 +513,9 @@ def train(data_dir,                          # folder of clip folders (see chapt
     torch.manual_seed(cfg.seed)
     model = OmniHumanDiT(**model_cfg)
     ema = EMA(model, cfg.ema_decay)
+    if init is not None:   # a branch: the parent's weights and EMA, a fresh optimizer and step count
+        model.load_state_dict(load_file(init / "model" / "diffusion_pytorch_model.safetensors"))
+        ema.load_state_dict(load_file(init / "ema.safetensors"), json.loads((init / "trainer_state.json").read_text())["step"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))
     model, opt = acc.prepare(model, opt)
@@ -593,7 +611,7 @@ def train(data_dir,                          # folder of clip folders (see chapt
     acc.wait_for_everyone()
     return res
 
-# %% ../nbs/09_trainer.ipynb #c9ed3f37
+# %% ../nbs/09_trainer.ipynb #2e104b3d
 def _print_counts(res:dict):
     "A table of samples per condition combination per stage, then where the outputs are."
     combos = sorted({c for d in res["counts"].values() for c in d}, key=lambda c: (c.count("+"), c))
@@ -603,7 +621,7 @@ def _print_counts(res:dict):
     print(f"{res['steps']} steps, final loss {res['final_loss']:.4f}, {res['seconds']:.0f} s" + (" (interrupted)" if res["interrupted"] else ""))
     print(f"outputs are in {res['out_dir']}")
 
-# %% ../nbs/09_trainer.ipynb #f3266ef8
+# %% ../nbs/09_trainer.ipynb #a43db7a0
 def bench_train(json_path=None,          # also write the result here as JSON
                 steps:int=6,             # timed optimizer steps per mode
                 data_dir=None,           # clips to train on (default: the shipped data_samples/clips, else 4 rendered ones)

@@ -178,7 +178,7 @@ class Decoder3d(nn.Module):
 
     def forward(self, z): return unfold_pixels(self.conv_out(F.silu(self.norm_out(self.blocks(self.mid(self.conv_in(z)))))), self.patch)
 
-# %% ../nbs/03_causal_vae.ipynb #edbb1c4f
+# %% ../nbs/03_causal_vae.ipynb #c8e2c7e5
 def fold_frames(x:torch.Tensor, tf:int, start:bool)->torch.Tensor:
     "(B, C, T, h, w) -> (B, C*tf, t, h, w): each group of `tf` frames becomes channels (frame index innermost). At the `start` of a video frame 0 is a group alone, copied `tf` times."
     if start: x = torch.cat([x[:, :, :1].expand(-1, -1, tf - 1, -1, -1), x], 2)
@@ -192,22 +192,36 @@ def unfold_frames(x:torch.Tensor, tf:int, start:bool)->torch.Tensor:
     x = x.view(B, Ct // tf, tf, t, h, w).transpose(2, 3).reshape(B, Ct // tf, t * tf, h, w)
     return x[:, :, tf - 1:] if start else x
 
+def _shortcut_plan(c:int, s:int, tf:int, z:int)->tuple[int, int]:
+    "(k, g): average k x k pixel blocks and groups of g frames so that c*s*s*tf values per latent cell become z."
+    C = c * s * s * tf
+    check(C % z == 0, "latent_channels with the shortcut", f"a divisor of {C} (= {c}·{s}²·{tf})", z)
+    g = C // z
+    if tf % g == 0: return 1, g                       # fewer frames per mean: every pixel kept, frames averaged in runs of g
+    k = math.isqrt(g // tf)
+    check(g % tf == 0 and k * k * tf == g and s % k == 0, "latent_channels with the shortcut",
+          f"{C} / (a power of 4 dividing {s * s}, times {tf} frames) or {C} / (a divisor of {tf})", z)
+    return k, tf                                      # whole frame groups averaged, and k x k blocks of pixels
+
 def shortcut_down(x:torch.Tensor,   # video (B, c, T, H, W)
                   s:int, tf:int,    # spatial and temporal factors
-                  z:int,            # latent channels (must divide c*s*s*tf)
+                  z:int,            # latent channels
                   start:bool)->torch.Tensor:
-    "Parameter-free path from pixels to latents (B, z, t, H/s, W/s): fold pixels and frames into channels, average runs of channels down to `z`."
-    f = fold_frames(fold_pixels(x, s), tf, start)
+    "Parameter-free path from pixels to latents (B, z, t, H/s, W/s): average k x k pixels, fold pixels and frames into channels, average runs of g frames."
+    k, g = _shortcut_plan(x.shape[1], s, tf, z)
+    if k > 1: x = F.avg_pool3d(x, (1, k, k))
+    f = fold_frames(fold_pixels(x, s // k), tf, start)
     B, C, t, h, w = f.shape
-    check(C % z == 0, "latent_channels with the shortcut", f"a divisor of {C} (= {x.shape[1]}·{s}²·{tf})", z)
-    return f.view(B, z, C // z, t, h, w).mean(2)
+    return f.view(B, C // tf, tf // g, g, t, h, w).mean(3).reshape(B, z, t, h, w)
 
 def shortcut_up(z:torch.Tensor,     # latents (B, z, t, h, w)
                 s:int, tf:int,
                 c:int,              # video channels
                 start:bool)->torch.Tensor:
-    "Parameter-free path from latents to pixels (B, c, T, h*s, w*s): repeat each channel, unfold frames and pixels."
-    return unfold_pixels(unfold_frames(z.repeat_interleave(c * s * s * tf // z.shape[1], 1), tf, start), s)
+    "Parameter-free path from latents to pixels (B, c, T, h*s, w*s): repeat each channel over its frames, unfold frames and pixels, repeat k x k."
+    k, g = _shortcut_plan(c, s, tf, z.shape[1])
+    x = unfold_pixels(unfold_frames(z.repeat_interleave(g, 1), tf, start), s // k)
+    return x.repeat_interleave(k, 3).repeat_interleave(k, 4) if k > 1 else x
 
 # %% ../nbs/03_causal_vae.ipynb #5d666c49
 class DiagonalGaussian:
@@ -258,7 +272,7 @@ def tiled_apply(fn, x:torch.Tensor, tile:int, overlap:int, scale:float)->torch.T
             wsum[oy:oy + h, ox:ox + w] += wt
     return out / wsum
 
-# %% ../nbs/03_causal_vae.ipynb #fd13db1d
+# %% ../nbs/03_causal_vae.ipynb #dd7fb1f5
 class CausalVAE(ModelMixin, ConfigMixin):
     "Causal 3D VAE: (B, 3, 1+4k, H, W) in [-1, 1] <-> latents (B, z, 1+k, H/8, W/8), streamable in chunks."
     @register_to_config
@@ -280,8 +294,7 @@ class CausalVAE(ModelMixin, ConfigMixin):
               f"a positive int dividing spatial_compression={spatial_compression}", patch_size)
         ns = _levels(n, spatial_compression // patch_size, "spatial_compression" + (" / patch_size" if patch_size > 1 else ""))
         nt = _levels(n, temporal_compression, "temporal_compression")
-        C = in_channels * spatial_compression ** 2 * temporal_compression
-        check(not shortcut or C % latent_channels == 0, "latent_channels with the shortcut", f"a divisor of {C} (= {in_channels}·{spatial_compression}²·{temporal_compression})", latent_channels)
+        if shortcut: _shortcut_plan(in_channels, spatial_compression, temporal_compression, latent_channels)   # fails early on a count it cannot make
         kw = dict(z_ch=latent_channels, chs=tuple(block_out_channels), layers=layers_per_block, ns=ns, nt=nt, attn=mid_attention, patch=patch_size)
         self.encoder, self.decoder = Encoder3d(in_channels, **kw), Decoder3d(in_channels, **kw)
         self.use_tiling, self.tile, self.tile_overlap = False, 256, 64
@@ -349,26 +362,28 @@ class CausalVAE(ModelMixin, ConfigMixin):
         check_finite(z, "latents")
 
     # --- encode / decode ---------------------------------------------------------
-    def _enc(self, x, start:bool):
-        "Moments of one chunk (`start`: it holds frame 0), the shortcut added to the mean."
+    def _enc(self, x):
+        "Moments of the next chunk of a stream, the shortcut added to the mean."
+        start = self.encoder.conv_in.cache is None   # frame 0 is in this chunk
         m, c = self.encoder(x), self.config
         if not c.shortcut: return m
         z = c.latent_channels
         return torch.cat([m[:, :z] + shortcut_down(x, c.spatial_compression, c.temporal_compression, z, start), m[:, z:]], 1)
 
-    def _dec(self, z, start:bool):
-        "Frames of one chunk of latents (`start`: it holds latent frame 0), the shortcut added."
+    def _dec(self, z):
+        "Frames of the next chunk of latents of a stream, the shortcut added."
+        start = self.decoder.conv_in.cache is None   # latent frame 0 is in this chunk
         out, c = self.decoder(z), self.config
         return out + shortcut_up(z, c.spatial_compression, c.temporal_compression, c.in_channels, start) if c.shortcut else out
 
     def _encode_moments(self, x, chunk):
         tf = self.config.temporal_compression
         with self._fresh():
-            if chunk is None: return self._enc(x, True)
+            if chunk is None: return self._enc(x)
             check(isinstance(chunk, int) and chunk >= 1, "chunk", "a positive int (latent frames per chunk) or None", chunk)
             cuts = [0, 1 + tf * (chunk - 1)]
             while cuts[-1] < x.shape[2]: cuts.append(cuts[-1] + tf * chunk)
-            return torch.cat([self._enc(x[:, :, a:b], a == 0) for a, b in zip(cuts, cuts[1:]) if a < x.shape[2]], 2)
+            return torch.cat([self._enc(x[:, :, a:b]) for a, b in zip(cuts, cuts[1:]) if a < x.shape[2]], 2)
 
     def encode(self,
                x:torch.Tensor,      # video (B, 3, 1+4k, H, W) in [-1, 1]
@@ -387,7 +402,12 @@ class CausalVAE(ModelMixin, ConfigMixin):
         self.check_latents(z)
         check(isinstance(chunk, int) and chunk >= 1, "chunk", "a positive int (latent frames per chunk)", chunk)
         with self._fresh():
-            for a in range(0, z.shape[2], chunk): yield self._dec(z[:, :, a:a + chunk], a == 0)
+            for a in range(0, z.shape[2], chunk): yield self._dec(z[:, :, a:a + chunk])
+
+    def decode_next(self, z:torch.Tensor)->torch.Tensor:
+        "Decode the next latent frames of one long stream: caches carry on from the previous call; `reset_stream()` starts a new video."
+        self.check_latents(z)
+        return self._dec(z)
 
     def decode(self,
                z:torch.Tensor,       # latents (B, z, 1+k, h, w)
@@ -402,7 +422,7 @@ class CausalVAE(ModelMixin, ConfigMixin):
 
     def _decode(self, z, chunk):
         if chunk is None:
-            with self._fresh(): return self._dec(z, True)
+            with self._fresh(): return self._dec(z)
         return torch.cat(list(self.decode_stream(z, chunk)), 2)
 
     def forward(self, x:torch.Tensor, sample:bool=True, generator:torch.Generator|None=None):
