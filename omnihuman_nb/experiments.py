@@ -37,11 +37,12 @@ class ExperimentConfig(Config):
         for k in ("base_steps", "arm_steps", "eval_clips", "eval_steps"):
             check(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, k, "an int >= 1", getattr(self, k))
 
-# %% ../nbs/12_experiments.ipynb #999a6756
+# %% ../nbs/12_experiments.ipynb #5b5356b1
 def _train_config(cfg:ExperimentConfig, seed:int, stages=None):
     from omnihuman_nb.trainer import train_config, paper_stages
-    return train_config("classroom", seed=seed, batch_size=cfg.batch_size, stages=stages or paper_stages(),
-                        checkpoint_every=10**6, dit_overrides=dict(cfg.dit_overrides))
+    base = train_config("classroom")
+    return base.replace(seed=seed, batch_size=cfg.batch_size, stages=stages or paper_stages(), checkpoint_every=10**6,
+                        dit_overrides={**base.dit_overrides, **cfg.dit_overrides})
 
 def _finished(run:Path)->bool:
     f = run / "summary.json"

@@ -97,8 +97,8 @@ class TrainConfig(Config):
     @property
     def window_latents(self)->int: return 1 + (self.n_frames - 1) // 4
 
-# %% ../nbs/09_trainer.ipynb #921c6fd6
-TRAIN_CONFIGS = {"classroom": dict()}   # named configs; a JSON file path works too
+# %% ../nbs/09_trainer.ipynb #0e26b3a0
+TRAIN_CONFIGS = {"classroom": dict(dit_overrides=dict(prediction="data"))}   # named configs; a JSON file path works too (chapter 06 says why data prediction)
 _SCHEDULE_KEYS = ("steps_per_stage", "checkpoint_every", "keep_checkpoints")   # may change on resume
 
 def train_config(config:str|Path|TrainConfig="classroom", **overrides)->TrainConfig:

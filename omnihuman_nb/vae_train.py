@@ -225,14 +225,14 @@ def ema_update(ema:nn.Module, model:nn.Module, decay:float):
     for e, m in zip(ema.parameters(), model.parameters()): e.lerp_(m, 1 - decay)
     for e, m in zip(ema.buffers(), model.buffers()): e.copy_(m)
 
-# %% ../nbs/04_vae_training.ipynb #714c56fb
+# %% ../nbs/04_vae_training.ipynb #e65b828a
 @dataclasses.dataclass
 class VAETrainConfig(Config):
     "Settings of a VAE training run."
     size: int = 64                          # square frame size trained on
     block_out_channels: tuple[int, ...] = (48, 64, 96)
     layers_per_block: int = 1
-    latent_channels: int = 48               # with the shortcut: 3·4²·4 / 48 = the 4 frames of a pixel colour per channel
+    latent_channels: int = 12               # with the shortcut: each channel is a 2x2 block of one colour, averaged over its 4 frames
     spatial_compression: int = 4            # H, W factor, patch_size included
     patch_size: int = 4                     # pixels per side folded into channels first
     temporal_compression: int = 4
