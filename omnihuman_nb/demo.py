@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CLASSROOM_DIR', 'TARGETS', 'data_samples_dir', 'DemoRecipe', 'train_classroom', 'ship_weights', 'classroom_pipeline',
-           'demo_inputs', 'upscale', 'run_job', 'write_report', 'demo']
+           'demo_inputs', 'upscale', 'run_job', 'write_report', 'demo', 'mouth_through_vae']
 
 # %% ../nbs/15_demo.ipynb #f9be718b
 import dataclasses, html, json, shutil, time
@@ -265,3 +265,21 @@ def demo(out="outputs/demo",             # where the videos, metrics.json and re
         print(f"{info['minutes']} min in all. Videos: {', '.join(Path(r['video']).name for r in results)}; scores: metrics.json; report: report.html")
         print(f"outputs are in {out}")
     return summary
+
+# %% ../nbs/15_demo.ipynb #bda5db9f
+def mouth_through_vae(vae,                       # a CausalVAE (e.g. `classroom_pipeline().vae`)
+                      wav=None,                  # speech (path or 16 kHz array); None: the audio-driven job's wav
+                      framing:str="portrait", identity:int=6, seed:int=1)->dict:
+    "sync_r of a real render of `wav` and of its VAE reconstruction: the lip sync a perfect DiT could reach with this VAE."
+    import torch
+    from omnihuman_nb.vae_train import reconstruct
+    from omnihuman_nb.metrics import read_probes, sync_score
+    wav = load_wav(wav if wav is not None else data_samples_dir() / "speech" / "hello_puppet_f.wav") if not isinstance(wav, np.ndarray) else wav
+    clip = render_puppet_clip(seed=seed, seconds=None, identity=identity_pool(8, 0)[identity], gesture="idle", framing=framing, audio=wav)
+    tf = vae.config.temporal_compression
+    T = 1 + tf * ((len(clip.video) - 1) // tf)
+    with torch.no_grad(): rec = reconstruct(vae.float().eval(), clip.video[:T])
+    audio_mouth = mouth_from_audio(clip.audio, T, SR, FPS)["mouth"]
+    real, through = (sync_score(read_probes(f)["mouth"], audio_mouth)["sync_r"] for f in (clip.video[:T], rec))
+    err = (rec.astype(np.float64) - clip.video[:T]) / 255
+    return dict(sync_r_real=real, sync_r_vae=through, psnr=float(10 * np.log10(1 / max((err ** 2).mean(), 1e-12))), frames=T)
