@@ -178,7 +178,7 @@ class Decoder3d(nn.Module):
 
     def forward(self, z): return unfold_pixels(self.conv_out(F.silu(self.norm_out(self.blocks(self.mid(self.conv_in(z)))))), self.patch)
 
-# %% ../nbs/03_causal_vae.ipynb #c8e2c7e5
+# %% ../nbs/03_causal_vae.ipynb #f8883a0b
 def fold_frames(x:torch.Tensor, tf:int, start:bool)->torch.Tensor:
     "(B, C, T, h, w) -> (B, C*tf, t, h, w): each group of `tf` frames becomes channels (frame index innermost). At the `start` of a video frame 0 is a group alone, copied `tf` times."
     if start: x = torch.cat([x[:, :, :1].expand(-1, -1, tf - 1, -1, -1), x], 2)
@@ -195,13 +195,10 @@ def unfold_frames(x:torch.Tensor, tf:int, start:bool)->torch.Tensor:
 def _shortcut_plan(c:int, s:int, tf:int, z:int)->tuple[int, int]:
     "(k, g): average k x k pixel blocks and groups of g frames so that c*s*s*tf values per latent cell become z."
     C = c * s * s * tf
-    check(C % z == 0, "latent_channels with the shortcut", f"a divisor of {C} (= {c}·{s}²·{tf})", z)
-    g = C // z
-    if tf % g == 0: return 1, g                       # fewer frames per mean: every pixel kept, frames averaged in runs of g
-    k = math.isqrt(g // tf)
-    check(g % tf == 0 and k * k * tf == g and s % k == 0, "latent_channels with the shortcut",
-          f"{C} / (a power of 4 dividing {s * s}, times {tf} frames) or {C} / (a divisor of {tf})", z)
-    return k, tf                                      # whole frame groups averaged, and k x k blocks of pixels
+    ok = {C // g: (1, g) for g in range(1, tf + 1) if tf % g == 0}                     # every pixel kept, frames averaged in runs of g
+    ok |= {C // (tf * k * k): (k, tf) for k in range(2, s + 1) if s % k == 0}          # whole frame groups averaged, and k x k pixel blocks
+    check(z in ok, "latent_channels with the shortcut", f"one of {sorted(ok)} ({C} values per latent cell, averaged over frames, then k x k pixels)", z)
+    return ok[z]
 
 def shortcut_down(x:torch.Tensor,   # video (B, c, T, H, W)
                   s:int, tf:int,    # spatial and temporal factors

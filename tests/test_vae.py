@@ -96,7 +96,7 @@ def test_tiling_shapes_and_single_tile_exact():
 def test_train_resume_recon(tmp_path):
     with torch.enable_grad():
         data = tmp_path / "data"; make_toy_clips(data, n_identities=3, clips_per_identity=1, frames=9, size=16)
-        cfg = VAETrainConfig(size=16, block_out_channels=(8, 8, 8, 8), latent_channels=4, video_frames=5, batch_size=1,
+        cfg = VAETrainConfig(size=16, block_out_channels=(8, 8, 8, 8), latent_channels=3, video_frames=5, batch_size=1,
                              image_batch_size=2, warmup=1, disc_start=1, eval_every=2, ckpt_every=2, eval_frames=5, holdout=0.34)
         s = train_vae(data, tmp_path / "run", steps=3, config=cfg, progress=False)
         eq(s["steps"], 3); assert s["heldout_psnr"] > 0 and not s["heldout_is_train"]
