@@ -219,7 +219,7 @@ def test_latent_stream_mode_matches_one_decode(ref, tmp_path):
     eq((q.config.motion, q.config.motion_latents), ("latents", 2))
     kw = dict(text=CAPTION, frames=14, steps=2, seed=1)
     eq(q(ref, **kw).frames, p(ref, **kw).frames)
-    fails(lambda: _tiny(motion="frames"), contains="motion: expected 'pixels' or 'latents'")
+    fails(lambda: _tiny(motion="frames"), contains="motion: expected 'pixels', 'latents' or 'none'")
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 400), st.integers(0, 12))
