@@ -324,7 +324,7 @@ class DiTOutput(BaseOutput):
     loss_mask: torch.Tensor       # (B, n_tokens) True on the noisy tokens of the packed sequence
     layout: TokenLayout = None    # where each token group sits
 
-# %% ../nbs/06_dit.ipynb #a58a877c
+# %% ../nbs/06_dit.ipynb #bd8698f1
 DATA_PREDICTION_MIN_T = 0.05   # with prediction="data", 1/t is capped at 20 so the velocity stays finite near t = 0
 
 class OmniHumanDiT(ModelMixin, ConfigMixin):
@@ -351,14 +351,17 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
                  vae_spatial:int=8,              # video pixels per latent pixel
                  vae_temporal:int=4,             # video frames per latent frame (after the first)
                  prediction:str="velocity",      # what the last layer predicts: "velocity", or "data" (clean latents, turned into a velocity)
-                 ref_anchor:bool=False,          # with "data": clean latents = reference latent + the last layer's output, where the reference is on
+                 precondition:bool=False,        # with "data": the layer predicts what the best linear guess from x_t and the reference misses
+                 data_std:float=1.0,             # precondition: spread of clean latents (the guess without a reference)
+                 ref_std:float=0.5,              # precondition: spread of clean latents around the reference latent
                  eps:float=1e-6,                 # norm epsilon
                  backends:dict|None=None):       # op -> backend, see `resolve_backends`
         super().__init__()
         check(hidden_size % num_heads == 0, "hidden_size", f"a multiple of num_heads={num_heads}", hidden_size)
         check(prediction in ("velocity", "data"), "prediction", "'velocity' or 'data'", repr(prediction))
-        check(not ref_anchor or prediction == "data", "ref_anchor", "False unless prediction='data' (it anchors predicted clean latents)",
-              f"ref_anchor=True with prediction={prediction!r}")
+        check(not precondition or prediction == "data", "precondition", "False unless prediction='data' (it shapes predicted clean latents)",
+              f"precondition=True with prediction={prediction!r}")
+        check(data_std > 0 and ref_std > 0, "data_std and ref_std", "positive", (data_std, ref_std))
         head_dim = hidden_size // num_heads
         self.patch = _triple(patch_size)
         self.rope_split = tuple(rope_split) if rope_split is not None else rope_split_for(head_dim)
@@ -488,7 +491,7 @@ def _audio_tokens(self, audio, B, T):
 
 OmniHumanDiT._audio_tokens = _audio_tokens
 
-# %% ../nbs/06_dit.ipynb #09549d25
+# %% ../nbs/06_dit.ipynb #835cbe1f
 def _forward(self,
              latents:torch.Tensor,                 # (B, C, T', H, W) noisy latents x_t
              timestep:torch.Tensor|float,          # (B,) or scalar, t in [0, 1] (1: pure noise)
@@ -523,9 +526,7 @@ def _forward(self,
     shift, scale = self.final_mod(c).chunk(2, -1)
     xn = K.modulated_layer_norm(xv[:, lay.n_ref + lay.n_motion:], shift, scale, self.config.eps, self.backends["modulate"])
     sample = unpatchify(self.proj_out(xn), lay.grid, self.patch, self.config.in_channels)
-    if self.config.ref_anchor and on["ref"] is not None:   # the layer predicted x0 - reference: add the reference's last latent frame back
-        anchor = ref[:, :, -1:].to(sample.dtype).expand_as(sample)
-        sample = sample + (anchor if on["ref"] is True else torch.where(on["ref"].view(B, 1, 1, 1, 1), anchor, torch.zeros_like(anchor)))
+    if self.config.precondition: sample = self._precondition(sample, latents, t, ref, on["ref"])
     if self.config.prediction == "data":   # the layer predicted clean latents x0; x_t = (1 - t) x0 + t e gives v = e - x0 = (x_t - x0) / t
         sample = (latents - sample) / t.clamp_min(DATA_PREDICTION_MIN_T).view(B, 1, 1, 1, 1).to(sample.dtype)
     out = DiTOutput(sample=sample, loss_mask=lay.loss_mask(B, device), layout=lay)
@@ -533,7 +534,24 @@ def _forward(self,
 
 OmniHumanDiT.forward = _forward
 
-# %% ../nbs/06_dit.ipynb #a967dd9a
+# %% ../nbs/06_dit.ipynb #04270e08
+def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, ref:torch.Tensor|None, ref_on)->torch.Tensor:
+    "Clean latents = the best linear guess from x_t and the reference (where on) + c_out * the last layer's output `f`."
+    cfg, B = self.config, f.shape[0]
+    s2 = torch.full((B,), cfg.data_std ** 2, device=f.device)
+    mu = torch.zeros_like(f)
+    if ref_on is not None:
+        on = torch.ones(B, dtype=torch.bool, device=f.device) if ref_on is True else ref_on
+        s2 = torch.where(on, torch.full_like(s2, cfg.ref_std ** 2), s2)
+        mu = torch.where(on.view(B, 1, 1, 1, 1), ref[:, :, -1:].to(f.dtype).expand_as(f), mu)
+    a, tt = (1 - t).view(B, 1, 1, 1, 1), t.view(B, 1, 1, 1, 1)
+    s2 = s2.view(B, 1, 1, 1, 1)
+    den = a * a * s2 + tt * tt
+    return (mu + (a * s2 / den) * (latents - a * mu) + (s2.sqrt() * tt / den.sqrt()) * f).to(f.dtype)
+
+OmniHumanDiT._precondition = _precondition
+
+# %% ../nbs/06_dit.ipynb #976f9dc8
 AUDIO_FEATURES = 128   # chapter 02: 4 log-mel frames x 32 bands per video frame
 POSE_KEYPOINTS = 25    # chapter 01: the puppet's joints, one heatmap each
 
@@ -578,7 +596,7 @@ def parameter_counts(names=tuple(DIT_CONFIGS))->dict:
         out[n] = dict(total=total, blocks=blocks, audio=audio, pose=pose, rest=total - blocks - audio - pose)
     return out
 
-# %% ../nbs/06_dit.ipynb #a0421a55
+# %% ../nbs/06_dit.ipynb #f1e15cb2
 def _bench_batch(model, batch, frames, size, text_tokens, seed=0):
     "Classroom inputs with every condition on, for `model`'s config."
     cfg, g = model.config, torch.Generator().manual_seed(seed)
@@ -605,7 +623,7 @@ def hunyuan_matched(ours:OmniHumanDiT, tolerance:float=0.15):
     check(abs(n / n_ours - 1) <= tolerance, "matched HunyuanVideo parameter count", f"within {tolerance:.0%} of {n_ours}", n)
     return HunyuanVideoTransformer3DModel(**kw), kw
 
-# %% ../nbs/06_dit.ipynb #e50d5802
+# %% ../nbs/06_dit.ipynb #548bd9d7
 _SPLIT_OPS = {"attention": ("attention",), "norms": ("rms_norm", "modulated_layer_norm", "gated_residual", "residual_modulated_layer_norm")}
 
 @contextlib.contextmanager
@@ -648,7 +666,7 @@ def _train_step(model, inputs, target)->tuple:
     with torch.enable_grad(): F.mse_loss(model(**inputs).sample, target).backward()
     return time.perf_counter() - t0, time.thread_time() - c0
 
-# %% ../nbs/06_dit.ipynb #efe00fb0
+# %% ../nbs/06_dit.ipynb #95a2cc10
 def bench_dit(json_path=None,            # also write the result here as JSON
               config:str="classroom",    # our named config
               batch:int=2,               # clips per step
