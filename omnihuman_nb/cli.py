@@ -68,7 +68,7 @@ def command_parser(cmd:Command, prog:str="omnihuman")->argparse.ArgumentParser:
         p.add_argument(a.flag, dest=a.dest, help=h, **kw)
     return p
 
-# %% ../nbs/14_cli.ipynb #7dbca789
+# %% ../nbs/14_cli.ipynb #68a6d63e
 def _bad_clips_status(r): return 1 if r.get("n_bad") else 0
 
 # flags every benchmark shares
@@ -158,7 +158,7 @@ COMMANDS = [
         Arg("--ema", help="use the checkpoint's EMA weights"),
         Arg("--height", help="video height"), Arg("--width", help="video width"),
         Arg("--segment-frames", help="frames per generated segment (default: the trainer's window)", kw=dict(type=int)),
-        Arg("--motion", help="how segments chain (default: as the trainer trained)", kw=dict(choices=["latents", "pixels"]))]),
+        Arg("--motion", help="how segments chain: latents, pixels, or none (each segment from the reference alone; default: as the trainer trained)", kw=dict(choices=["latents", "pixels", "none"]))]),
     Command("eval", None, "Score one video (--video) or a model on held-out clips (--model, --data): sync, pose error, hand motion, identity drift, Fréchet distance, flicker",
             "omnihuman_nb.metrics:evaluate", [
         Arg("--video", help="one video to score", kw=dict(type=str)),
