@@ -324,7 +324,7 @@ class DiTOutput(BaseOutput):
     loss_mask: torch.Tensor       # (B, n_tokens) True on the noisy tokens of the packed sequence
     layout: TokenLayout = None    # where each token group sits
 
-# %% ../nbs/06_dit.ipynb #bd8698f1
+# %% ../nbs/06_dit.ipynb #af2d24b3
 DATA_PREDICTION_MIN_T = 0.05   # with prediction="data", 1/t is capped at 20 so the velocity stays finite near t = 0
 
 class OmniHumanDiT(ModelMixin, ConfigMixin):
@@ -351,7 +351,7 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
                  vae_spatial:int=8,              # video pixels per latent pixel
                  vae_temporal:int=4,             # video frames per latent frame (after the first)
                  prediction:str="velocity",      # what the last layer predicts: "velocity", or "data" (clean latents, turned into a velocity)
-                 precondition:bool=False,        # with "data": the layer predicts what the best linear guess from x_t and the reference misses
+                 precondition:str="none",        # with "data": "none", "linear" (skips from x_t and the reference) or "ref" (a skip from the reference only)
                  data_std:float=1.0,             # precondition: spread of clean latents (the guess without a reference)
                  ref_std:float=0.5,              # precondition: spread of clean latents around the reference latent
                  eps:float=1e-6,                 # norm epsilon
@@ -359,8 +359,9 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
         super().__init__()
         check(hidden_size % num_heads == 0, "hidden_size", f"a multiple of num_heads={num_heads}", hidden_size)
         check(prediction in ("velocity", "data"), "prediction", "'velocity' or 'data'", repr(prediction))
-        check(not precondition or prediction == "data", "precondition", "False unless prediction='data' (it shapes predicted clean latents)",
-              f"precondition=True with prediction={prediction!r}")
+        check(precondition in ("none", "linear", "ref"), "precondition", "'none', 'linear' or 'ref'", repr(precondition))
+        check(precondition == "none" or prediction == "data", "precondition", "'none' unless prediction='data' (it shapes predicted clean latents)",
+              f"precondition={precondition!r} with prediction={prediction!r}")
         check(data_std > 0 and ref_std > 0, "data_std and ref_std", "positive", (data_std, ref_std))
         head_dim = hidden_size // num_heads
         self.patch = _triple(patch_size)
@@ -491,7 +492,7 @@ def _audio_tokens(self, audio, B, T):
 
 OmniHumanDiT._audio_tokens = _audio_tokens
 
-# %% ../nbs/06_dit.ipynb #835cbe1f
+# %% ../nbs/06_dit.ipynb #a606f3fa
 def _forward(self,
              latents:torch.Tensor,                 # (B, C, T', H, W) noisy latents x_t
              timestep:torch.Tensor|float,          # (B,) or scalar, t in [0, 1] (1: pure noise)
@@ -526,7 +527,7 @@ def _forward(self,
     shift, scale = self.final_mod(c).chunk(2, -1)
     xn = K.modulated_layer_norm(xv[:, lay.n_ref + lay.n_motion:], shift, scale, self.config.eps, self.backends["modulate"])
     sample = unpatchify(self.proj_out(xn), lay.grid, self.patch, self.config.in_channels)
-    if self.config.precondition: sample = self._precondition(sample, latents, t, ref, on["ref"])
+    if self.config.precondition != "none": sample = self._precondition(sample, latents, t, ref, on["ref"])
     if self.config.prediction == "data":   # the layer predicted clean latents x0; x_t = (1 - t) x0 + t e gives v = e - x0 = (x_t - x0) / t
         sample = (latents - sample) / t.clamp_min(DATA_PREDICTION_MIN_T).view(B, 1, 1, 1, 1).to(sample.dtype)
     out = DiTOutput(sample=sample, loss_mask=lay.loss_mask(B, device), layout=lay)
@@ -534,7 +535,7 @@ def _forward(self,
 
 OmniHumanDiT.forward = _forward
 
-# %% ../nbs/06_dit.ipynb #04270e08
+# %% ../nbs/06_dit.ipynb #959a147a
 def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, ref:torch.Tensor|None, ref_on)->torch.Tensor:
     "Clean latents = the best linear guess from x_t and the reference (where on) + c_out * the last layer's output `f`."
     cfg, B = self.config, f.shape[0]
@@ -547,6 +548,7 @@ def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, re
     a, tt = (1 - t).view(B, 1, 1, 1, 1), t.view(B, 1, 1, 1, 1)
     s2 = s2.view(B, 1, 1, 1, 1)
     den = a * a * s2 + tt * tt
+    if cfg.precondition == "ref": return (mu * (tt * tt / den) + f).to(f.dtype)     # the guess's weight on the reference, nothing from x_t
     return (mu + (a * s2 / den) * (latents - a * mu) + (s2.sqrt() * tt / den.sqrt()) * f).to(f.dtype)
 
 OmniHumanDiT._precondition = _precondition
