@@ -324,7 +324,7 @@ class DiTOutput(BaseOutput):
     loss_mask: torch.Tensor       # (B, n_tokens) True on the noisy tokens of the packed sequence
     layout: TokenLayout = None    # where each token group sits
 
-# %% ../nbs/06_dit.ipynb #af2d24b3
+# %% ../nbs/06_dit.ipynb #a4781a19
 DATA_PREDICTION_MIN_T = 0.05   # with prediction="data", 1/t is capped at 20 so the velocity stays finite near t = 0
 
 class OmniHumanDiT(ModelMixin, ConfigMixin):
@@ -353,7 +353,8 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
                  prediction:str="velocity",      # what the last layer predicts: "velocity", or "data" (clean latents, turned into a velocity)
                  precondition:str="none",        # with "data": "none", "linear" (skips from x_t and the reference) or "ref" (a skip from the reference only)
                  data_std:float=1.0,             # precondition: spread of clean latents (the guess without a reference)
-                 ref_std:float=0.5,              # precondition: spread of clean latents around the reference latent
+                 ref_std:float=0.5,              # precondition: spread of clean latents around the reference latent (sets c_out)
+                 guess_std:float|None=None,      # precondition: the spread the linear guess assumes with a reference (None: ref_std); smaller trusts x_t only near t = 0
                  eps:float=1e-6,                 # norm epsilon
                  backends:dict|None=None):       # op -> backend, see `resolve_backends`
         super().__init__()
@@ -535,7 +536,7 @@ def _forward(self,
 
 OmniHumanDiT.forward = _forward
 
-# %% ../nbs/06_dit.ipynb #959a147a
+# %% ../nbs/06_dit.ipynb #5a6016e8
 def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, ref:torch.Tensor|None, ref_on)->torch.Tensor:
     "Clean latents = the best linear guess from x_t and the reference (where on) + c_out * the last layer's output `f`."
     cfg, B = self.config, f.shape[0]
@@ -545,11 +546,12 @@ def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, re
         on = torch.ones(B, dtype=torch.bool, device=f.device) if ref_on is True else ref_on
         s2 = torch.where(on, torch.full_like(s2, cfg.ref_std ** 2), s2)
         mu = torch.where(on.view(B, 1, 1, 1, 1), ref[:, :, -1:].to(f.dtype).expand_as(f), mu)
+    g2 = s2 if cfg.guess_std is None or ref_on is None else torch.where(on, torch.full_like(s2, cfg.guess_std ** 2), s2)
     a, tt = (1 - t).view(B, 1, 1, 1, 1), t.view(B, 1, 1, 1, 1)
-    s2 = s2.view(B, 1, 1, 1, 1)
-    den = a * a * s2 + tt * tt
-    if cfg.precondition == "ref": return (mu * (tt * tt / den) + f).to(f.dtype)     # the guess's weight on the reference, nothing from x_t
-    return (mu + (a * s2 / den) * (latents - a * mu) + (s2.sqrt() * tt / den.sqrt()) * f).to(f.dtype)
+    s2, g2 = s2.view(B, 1, 1, 1, 1), g2.view(B, 1, 1, 1, 1)
+    den, gden = a * a * s2 + tt * tt, a * a * g2 + tt * tt
+    if cfg.precondition == "ref": return (mu * (tt * tt / gden) + f).to(f.dtype)     # the guess's weight on the reference, nothing from x_t
+    return (mu + (a * g2 / gden) * (latents - a * mu) + (s2.sqrt() * tt / den.sqrt()) * f).to(f.dtype)
 
 OmniHumanDiT._precondition = _precondition
 

@@ -566,7 +566,7 @@ def evaluate_video(video,                      # an mp4 path, or (T, H, W, 3) ui
     _write_json(res, json_path)
     return res
 
-# %% ../nbs/11_metrics.ipynb #77b4aa12
+# %% ../nbs/11_metrics.ipynb #d2805df5
 def _mean(vals): vals = [v for v in vals if v is not None]; return float(np.mean(vals)) if vals else None
 
 def _summarise(rows:list[dict])->dict:
@@ -625,17 +625,25 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
                         max_lag=max_lag, segment_frames=seg, probe=probe)
         if mode != "audio": r["hand_var"] = None          # hand variance is for audio-driven video: pose-driven hands copy their pose
         gen_feats.append(r.pop("_features")); gen_rows.append(dict(r, flicker_raw=frame_change(frames), clip=clips[i].name, mode=mode))
-    gen, real = _summarise(gen_rows), _summarise(real_rows)
+    still_rows, still_feats = [], []
+    for i, mode in jobs:                   # the reference repeated: what a model that never moves would get
+        c = loaded[i]
+        r = score_video(np.repeat(c.video[:1], len(c.video), 0), *inputs(c, mode), read_probes(c.video[:1], probe)["identity"][0], None,
+                        max_lag=max_lag, segment_frames=seg, probe=probe)
+        if mode != "audio": r["hand_var"] = None
+        still_feats.append(r.pop("_features")); still_rows.append(dict(r, flicker_raw=0.0))
+    gen, real, still = _summarise(gen_rows), _summarise(real_rows), _summarise(still_rows)
+    still["fd"], still["flicker"] = frechet_distance(np.concatenate(still_feats), np.concatenate(real_feats)), 0.0
     gen["fd"] = frechet_distance(np.concatenate(gen_feats), np.concatenate(real_feats))
     real["fd"] = frechet_distance(np.concatenate([f[:len(f) // 2] for f in real_feats]), np.concatenate([f[len(f) // 2:] for f in real_feats]))  # the floor: first vs second halves
     gen["flicker"], real["flicker"] = gen["flicker_raw"] / max(real["flicker_raw"], 1e-9), 1.0
     real["hand_var"] = _mean([r["hand_var"] for r, c in zip(real_rows, loaded) if c.audio is not None])   # the clips audio-driven videos copy
     res = dict(gen, model=str(model_dir) if not isinstance(model_dir, OmniHumanPipeline) else "pipeline", data=str(data_dir), clips=len(clips), videos={m: sum(j[1] == m for j in jobs) for m in ("audio", "pose", "text")},
-               steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed, seconds=round(time.perf_counter() - t0, 1), real=real,
+               steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed, seconds=round(time.perf_counter() - t0, 1), real=real, still=still,
                per_video=[{k: v for k, v in r.items() if k != "sync_curve"} for r in gen_rows])
     if verbose:
         print(f"{len(jobs)} videos ({', '.join(f'{n} {m}' for m, n in res['videos'].items() if n)}) from {len(clips)} held-out clips of {data_dir}")
-        print_metrics({"generated": gen, "real clips": real})
+        print_metrics({"generated": gen, "real clips": real, "still": still})
     _write_json(res, json_path)
     return res
 
