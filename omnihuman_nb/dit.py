@@ -555,7 +555,7 @@ def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, re
 
 OmniHumanDiT._precondition = _precondition
 
-# %% ../nbs/06_dit.ipynb #976f9dc8
+# %% ../nbs/06_dit.ipynb #8fdbdc10
 AUDIO_FEATURES = 128   # chapter 02: 4 log-mel frames x 32 bands per video frame
 POSE_KEYPOINTS = 25    # chapter 01: the puppet's joints, one heatmap each
 
@@ -600,7 +600,7 @@ def parameter_counts(names=tuple(DIT_CONFIGS))->dict:
         out[n] = dict(total=total, blocks=blocks, audio=audio, pose=pose, rest=total - blocks - audio - pose)
     return out
 
-# %% ../nbs/06_dit.ipynb #f1e15cb2
+# %% ../nbs/06_dit.ipynb #678275f7
 def _bench_batch(model, batch, frames, size, text_tokens, seed=0):
     "Classroom inputs with every condition on, for `model`'s config."
     cfg, g = model.config, torch.Generator().manual_seed(seed)
@@ -627,7 +627,7 @@ def hunyuan_matched(ours:OmniHumanDiT, tolerance:float=0.15):
     check(abs(n / n_ours - 1) <= tolerance, "matched HunyuanVideo parameter count", f"within {tolerance:.0%} of {n_ours}", n)
     return HunyuanVideoTransformer3DModel(**kw), kw
 
-# %% ../nbs/06_dit.ipynb #548bd9d7
+# %% ../nbs/06_dit.ipynb #3f663ed4
 _SPLIT_OPS = {"attention": ("attention",), "norms": ("rms_norm", "modulated_layer_norm", "gated_residual", "residual_modulated_layer_norm")}
 
 @contextlib.contextmanager
@@ -670,7 +670,7 @@ def _train_step(model, inputs, target)->tuple:
     with torch.enable_grad(): F.mse_loss(model(**inputs).sample, target).backward()
     return time.perf_counter() - t0, time.thread_time() - c0
 
-# %% ../nbs/06_dit.ipynb #95a2cc10
+# %% ../nbs/06_dit.ipynb #d845a26c
 def bench_dit(json_path=None,            # also write the result here as JSON
               config:str="classroom",    # our named config
               batch:int=2,               # clips per step

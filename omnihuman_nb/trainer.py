@@ -97,8 +97,8 @@ class TrainConfig(Config):
     @property
     def window_latents(self)->int: return 1 + (self.n_frames - 1) // 4
 
-# %% ../nbs/09_trainer.ipynb #0e26b3a0
-TRAIN_CONFIGS = {"classroom": dict(dit_overrides=dict(prediction="data"))}   # named configs; a JSON file path works too (chapter 06 says why data prediction)
+# %% ../nbs/09_trainer.ipynb #48c449e6
+TRAIN_CONFIGS = {"classroom": dict(dit_overrides=dict(prediction="data", precondition="linear", guess_std=0.25))}   # named configs; a JSON file path works too (chapter 06 says why)
 _SCHEDULE_KEYS = ("steps_per_stage", "checkpoint_every", "keep_checkpoints")   # may change on resume
 
 def train_config(config:str|Path|TrainConfig="classroom", **overrides)->TrainConfig:
