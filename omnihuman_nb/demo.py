@@ -27,7 +27,7 @@ def data_samples_dir()->Path:
     raise BadInputError("data_samples folder", "the repository's data_samples/ with speech/*.wav", "not found beside the package or in the current folder",
                         hint="Run the demo from a clone of the repository.")
 
-# %% ../nbs/15_demo.ipynb #7ea4bcbb
+# %% ../nbs/15_demo.ipynb #24cb834a
 @dataclasses.dataclass
 class DemoRecipe(Config):
     "How the classroom weights are made: data, then the VAE, then the DiT, all from one seed."
@@ -36,8 +36,8 @@ class DemoRecipe(Config):
     seed: int = 0
     vae_minutes: float = 12.0                # VAE training budget ...
     vae_steps: int | None = None             # ... or a step budget instead
-    dit_minutes_per_stage: float = 4.0       # DiT training budget per stage ...
-    dit_steps_per_stage: int | None = None   # ... or a step budget instead
+    dit_minutes_per_stage: float = 4.0       # DiT training budget per stage, used when dit_steps_per_stage is None
+    dit_steps_per_stage: int | None = 3000   # DiT steps per stage (deterministic, whatever the machine's load)
     stages: str = "1,2,3"                    # the trainer's stages
 
 _RUN_PARTS = ("data", "vae", "dit", "pipeline")
