@@ -324,7 +324,7 @@ class DiTOutput(BaseOutput):
     loss_mask: torch.Tensor       # (B, n_tokens) True on the noisy tokens of the packed sequence
     layout: TokenLayout = None    # where each token group sits
 
-# %% ../nbs/06_dit.ipynb #a4781a19
+# %% ../nbs/06_dit.ipynb #c2723bdb
 DATA_PREDICTION_MIN_T = 0.05   # with prediction="data", 1/t is capped at 20 so the velocity stays finite near t = 0
 
 class OmniHumanDiT(ModelMixin, ConfigMixin):
@@ -363,7 +363,8 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
         check(precondition in ("none", "linear", "ref"), "precondition", "'none', 'linear' or 'ref'", repr(precondition))
         check(precondition == "none" or prediction == "data", "precondition", "'none' unless prediction='data' (it shapes predicted clean latents)",
               f"precondition={precondition!r} with prediction={prediction!r}")
-        check(data_std > 0 and ref_std > 0, "data_std and ref_std", "positive", (data_std, ref_std))
+        check(data_std > 0 and ref_std > 0 and (guess_std is None or guess_std > 0), "data_std, ref_std and guess_std", "positive (guess_std may be None)",
+              (data_std, ref_std, guess_std))
         head_dim = hidden_size // num_heads
         self.patch = _triple(patch_size)
         self.rope_split = tuple(rope_split) if rope_split is not None else rope_split_for(head_dim)
