@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['RUN_KEY', 'METRICS', 'EXPERIMENTS', 'ExperimentConfig', 'prepare_base', 'Arm', 'train_arm', 'pipeline_for',
            'score_models', 'summarise', 'experiment_table', 'experiment_figure', 'long_inputs', 'long_video_drift',
-           'run_experiment', 'experiment']
+           'run_experiment', 'experiment', 'audio_reliance', 'reliance_table']
 
-# %% ../nbs/12_experiments.ipynb #7fb27645
+# %% ../nbs/12_experiments.ipynb #195e61e4
 import dataclasses, json, shutil, time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .core import Config, BadInputError, check
 from .puppet import FPS, SR, identity_pool, render_puppet_clip, make_caption, load_wav
@@ -281,3 +282,60 @@ def experiment(name:str,                       # omni_vs_audio, audio_ratio, pos
     except ValueError: raise BadInputError("seeds", "comma-separated ints like 0,1", repr(seeds)) from None
     cfg = ExperimentConfig(seeds=sd, base_steps=base_steps, arm_steps=arm_steps, eval_clips=eval_clips, eval_steps=eval_steps)
     return run_experiment(name, out, cfg, vae)
+
+# %% ../nbs/12_experiments.ipynb #502833ab
+@torch.no_grad()
+def audio_reliance(pipe,                      # a pipeline (`pipeline_for`, `OmniHumanPipeline.from_pretrained`) with log-mel audio
+                   data_dir,                  # clip folders (chapter 02); those with audio are used
+                   split:str="heldout",       # "heldout", "train" or "all"
+                   ts=(0.3, 0.5, 0.7),        # noise levels to test
+                   windows_per_clip:int=3,    # training windows drawn per clip
+                   max_clips:int|None=None,   # the first clips with audio only (None: all)
+                   n_frames:int=9,            # video frames per window, 1 + 4k
+                   seed:int=0)->dict:
+    "Mouth opening read in one-step clean-latent predictions with the clip's own, another clip's, or no audio: Pearson r against the clean latents' mouth, per noise level."
+    from omnihuman_nb.trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch, vae_fingerprint
+    from omnihuman_nb.flow import noisy_sample
+    from omnihuman_nb.metrics import read_probes, pearson
+    check(pipe.audio_features.config.name == "log-mel", "audio features", "a log-mel pipeline (the training data's features)", pipe.audio_features.config.name)
+    check(len(ts) >= 1 and all(0 < t < 1 for t in ts), "ts", "noise levels strictly between 0 and 1", ts)
+    dit, vae = pipe.transformer.eval(), pipe.vae.eval()
+    data = LatentClips(data_dir, vae, "audio-reliance", n_frames, None, split, False)
+    idx = [i for i in range(len(data)) if data.info[i]["has"]["audio"]][:max_clips]
+    check(len(idx) >= 2, "clips with audio", f"at least 2 '{split}' clips with audio (shuffling needs another clip's audio)", len(idx))
+    cfg = TrainConfig(n_frames=n_frames, stages=[StageConfig(name="listen", ratios=dict(text=1.0, ref=1.0, audio=1.0), motion_share=0.0)])
+    rng, picks = np.random.default_rng([seed, 91]), []
+    for i in idx:
+        for _ in range(windows_per_clip): picks.append(draw_pick(rng, i, data.info[i], cfg.stages[0], cfg))
+    caps = sorted({data.info[i]["caption"] for i in idx}); hs, lens = pipe.text_encoder(caps)
+    text = {c: hs[k, :max(int(lens[k]), 1)].float() for k, c in enumerate(caps)}
+    b = make_batch(data, picks, text, cfg)
+    x0, B = b["x0"], len(picks)
+    kw = {k: b[k] for k in ("text", "text_lens", "ref", "motion", "audio", "pose", "condition_mask")}
+    other = torch.tensor([next(j for j in list(range(k + 1, B)) + list(range(k)) if picks[j].clip != picks[k].clip) for k in range(B)])
+    def mouths(z):
+        fr = torch.cat([vae.decode(vae.denormalize(z[i:i + 1])) for i in range(len(z))]).clamp(-1, 1)
+        fr = ((fr + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).reshape(-1, *fr.shape[-2:], 3).numpy()
+        return read_probes(fr)["mouth"]
+    clean = mouths(x0)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for t in ts:
+        tt = torch.full((B,), float(t)); xt = noisy_sample(x0, noise, tt)
+        row = dict(t=float(t))
+        for name in ("own", "shuffled", "none"):
+            k2 = dict(kw, condition_mask={c: v.clone() for c, v in kw["condition_mask"].items()})
+            if name == "shuffled": k2["audio"] = kw["audio"][other]
+            if name == "none": k2["condition_mask"]["audio"][:] = False
+            v = dit(xt, tt, **k2).sample
+            row[name] = pearson(mouths(xt - t * v), clean)
+        row["gap"] = row["own"] - max(row["shuffled"], row["none"])
+        rows.append(row)
+    return dict(rows=rows, windows=B, clips=len(idx), split=split, clean_mouth_std=float(np.std(clean)))
+
+def reliance_table(res:dict)->str:
+    "`audio_reliance` as a markdown table."
+    out = [f"{res['clips']} '{res['split']}' clips, {res['windows']} windows: r of the predicted mouth against the clean latents' mouth",
+           "| t | own audio | shuffled | none | gap |", "|---|---|---|---|---|"]
+    out += [f"| {r['t']:.1f} | {r['own']:.3f} | {r['shuffled']:.3f} | {r['none']:.3f} | {r['gap']:+.3f} |" for r in res["rows"]]
+    return "\n".join(out)
