@@ -283,7 +283,7 @@ def experiment(name:str,                       # omni_vs_audio, audio_ratio, pos
     cfg = ExperimentConfig(seeds=sd, base_steps=base_steps, arm_steps=arm_steps, eval_clips=eval_clips, eval_steps=eval_steps)
     return run_experiment(name, out, cfg, vae)
 
-# %% ../nbs/12_experiments.ipynb #502833ab
+# %% ../nbs/12_experiments.ipynb #f25adaa2
 @torch.no_grad()
 def audio_reliance(pipe,                      # a pipeline (`pipeline_for`, `OmniHumanPipeline.from_pretrained`) with log-mel audio
                    data_dir,                  # clip folders (chapter 02); those with audio are used
@@ -294,7 +294,7 @@ def audio_reliance(pipe,                      # a pipeline (`pipeline_for`, `Omn
                    n_frames:int=9,            # video frames per window, 1 + 4k
                    seed:int=0)->dict:
     "Mouth opening read in one-step clean-latent predictions with the clip's own, another clip's, or no audio: Pearson r against the clean latents' mouth, per noise level."
-    from omnihuman_nb.trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch, vae_fingerprint
+    from omnihuman_nb.trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch
     from omnihuman_nb.flow import noisy_sample
     from omnihuman_nb.metrics import read_probes, pearson
     check(pipe.audio_features.config.name == "log-mel", "audio features", "a log-mel pipeline (the training data's features)", pipe.audio_features.config.name)
