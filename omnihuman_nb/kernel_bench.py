@@ -167,7 +167,7 @@ def time_sdpa(case:BenchCase, device, dtype)->list:
     if not best: return rows
     return [best.get(p) or _row(case, "sdpa", p, None, op_cost(case.op, case.make("meta", dtype))[p], "no backend ran") for p in ("fwd", "bwd")]
 
-# %% ../nbs/05b_kernel_bench.ipynb #d8c50b6d
+# %% ../nbs/05b_kernel_bench.ipynb #46eafaf1
 def copy_bandwidth(device, nbytes:int=2**30)->float:
     "GB/s of a device-to-device copy of `nbytes` (read + write counted): the bandwidth memory-bound kernels can reach."
     x = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16)
@@ -179,13 +179,17 @@ def gpu_benchmark(quick:bool=False, dtype=torch.bfloat16, device="cuda")->dict:
     check(torch.device(device).type != "cuda" or torch.cuda.is_available(), "device", "a CUDA device", str(device))
     cases = norm_cases() + (attention_cases((1024, 4096), (64, 128)) if quick else attention_cases())
     compiled, rows = {}, []
-    for case in tqdm(cases, desc="benchmark"):
-        for impl in ("triton", "eager", "compile"):
-            if case.op == "attention" and impl != "triton" and int(case.shape.split("x")[2]) > 8192:
-                rows += [_row(case, impl, p, None, (0, 0), "skipped: N x N fp32 scores do not fit") for p in ("fwd", "bwd")]
-                continue
-            rows += time_case(case, impl, device, dtype, compiled)
-        if case.op == "attention": rows += time_sdpa(case, device, dtype)
+    import torch._functorch.config as fcfg
+    donated, fcfg.donated_buffer = fcfg.donated_buffer, False   # compiled backwards run again and again (retain_graph=True)
+    try:
+        for case in tqdm(cases, desc="benchmark"):
+            for impl in ("triton", "eager", "compile"):
+                if case.op == "attention" and impl != "triton" and int(case.shape.split("x")[2]) > 8192:
+                    rows += [_row(case, impl, p, None, (0, 0), "skipped: N x N fp32 scores do not fit") for p in ("fwd", "bwd")]
+                    continue
+                rows += time_case(case, impl, device, dtype, compiled)
+            if case.op == "attention": rows += time_sdpa(case, device, dtype)
+    finally: fcfg.donated_buffer = donated
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or "cpu"
     return dict(mode="gpu", device=name, dtype=str(dtype).replace("torch.", ""), peaks=K.H100_PEAKS,
                 copy_gbps=copy_bandwidth(device), rows=rows)

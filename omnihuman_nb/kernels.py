@@ -154,7 +154,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DWP, M, D, sdy, sx, sdx, BLOCK_M: t
         dw += tl.sum(dy * xhat, axis=0)
     tl.store(DWP + pid * D + cols, dw, mask=cmask)                 # one partial dw per program
 
-# %% ../nbs/05_kernels.ipynb #884a23ed
+# %% ../nbs/05_kernels.ipynb #6f775ffc
 @torch.library.custom_op(f"{OPS_NAMESPACE}::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x:Tensor, weight:Tensor, eps:float)->tuple[Tensor, Tensor]:
     "Triton RMSNorm forward: (y, rstd per row)."
@@ -192,12 +192,53 @@ def _rms_setup(ctx, inputs, output):
 
 def _rms_backward(ctx, dy, drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_bwd(dy, x, weight, rstd)
+    dx, dw = _call(rms_norm_bwd, dy, x, weight, rstd)      # _call: see below
     return dx, dw, None
 
 rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup)
 
-# %% ../nbs/05_kernels.ipynb #c3a5840e
+# %% ../nbs/05_kernels.ipynb #a31187c2
+_DIRECT_FNS = {}
+
+def _direct_ok(args)->bool:
+    "True when the tensors in `args` are plain eager tensors and nothing is tracing: the op's implementation may be called directly."
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack(): return False
+    return all(type(a).__torch_dispatch__ is torch._C._disabled_torch_dispatch_impl
+               and not torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args if isinstance(a, Tensor))
+
+def _call(op, *args):
+    "Run custom op `op`: its implementation directly on plain eager tensors, through the dispatcher otherwise."
+    return op._init_fn(*args) if _direct_ok(args) else op(*args)
+
+def _direct_fn(op, diff:int):
+    "An autograd.Function that runs `op`'s implementation, setup_context and backward; its first `diff` outputs are differentiable."
+    if (op, diff) not in _DIRECT_FNS:
+        class Direct(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                out = op._init_fn(*args)
+                op._setup_context_fn(ctx, args, out)
+                outs = out if isinstance(out, tuple) else (out,)
+                ctx.mark_non_differentiable(*outs[diff:])                # statistics (rstd, mean, lse): no zero grads made for them
+                ctx.set_materialize_grads(False)
+                ctx.diff_like = [(o.shape, o.dtype, o.device) for o in outs[:diff]]
+                return out
+            @staticmethod
+            def backward(ctx, *grads):
+                grads = [torch.zeros(*ctx.diff_like[i]) if g is None and i < diff else g for i, g in enumerate(grads)]
+                return op._backward_fn(ctx, *grads)
+        Direct.__name__ = Direct.__qualname__ = f"Direct_{op._name}"
+        _DIRECT_FNS[(op, diff)] = Direct
+    return _DIRECT_FNS[(op, diff)]
+
+def _apply(op, *args, diff:int=1):
+    "Call custom op `op` from a public function: directly in eager mode (through `_direct_fn` when a gradient is needed), else as an op."
+    if not _direct_ok(args): return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return _direct_fn(op, diff).apply(*args)
+    return op._init_fn(*args)
+
+# %% ../nbs/05_kernels.ipynb #8e3ea637
 def rms_norm(x:Tensor,              # (..., D)
              weight:Tensor,         # (D,)
              eps:float=1e-6,
@@ -206,9 +247,9 @@ def rms_norm(x:Tensor,              # (..., D)
     "RMSNorm over the last dim, times `weight`."
     check_shape(weight, (x.shape[-1],), "rms_norm weight")
     if resolve_backend(backend, x) == "torch": return rms_norm_ref(x, weight, eps)
-    return rms_norm_fwd(x, weight, eps)[0]
+    return _apply(rms_norm_fwd, x, weight, eps)[0]
 
-# %% ../nbs/05_kernels.ipynb #3c7daa06
+# %% ../nbs/05_kernels.ipynb #9b82d46c
 def modulated_layer_norm_ref(x:Tensor, shift:Tensor, scale:Tensor, eps:float=1e-6)->Tensor:
     "LayerNorm (no affine) then `* (1 + scale) + shift`, in fp32; x (B, N, D), shift and scale (B, D)."
     h = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
@@ -223,7 +264,7 @@ def residual_modulated_layer_norm_ref(x, y, gate, shift, scale, eps=1e-6)->tuple
     r = gated_residual_ref(x, y, gate)
     return r, modulated_layer_norm_ref(r, shift, scale, eps)
 
-# %% ../nbs/05_kernels.ipynb #d68a42df
+# %% ../nbs/05_kernels.ipynb #84845bdb
 @triton.jit
 def _adaln_fwd_kernel(X, Y, G, SHIFT, SCALE, R, OUT, MEAN, RSTD, N, D,
                       sxb, sxn, syb, syn, sg, ssh, ssc, srb, srn, sob, son, eps,
@@ -251,7 +292,7 @@ def _adaln_fwd_kernel(X, Y, G, SHIFT, SCALE, R, OUT, MEAN, RSTD, N, D,
         tl.store(MEAN + b * N + rows, mean, mask=rmask)
         tl.store(RSTD + b * N + rows, rstd, mask=rmask)
 
-# %% ../nbs/05_kernels.ipynb #8714c635
+# %% ../nbs/05_kernels.ipynb #b9f2cfaa
 @triton.jit
 def _adaln_bwd_kernel(DOUT, DR, X, Y, G, SCALE, MEAN, RSTD, DX, DY, DSHP, DSCP, DGP, N, D,
                       sdob, sdon, sdrb, sdrn, sxb, sxn, syb, syn, sg, ssc, sdxb, sdxn, sdyb, sdyn,
@@ -296,7 +337,7 @@ def _adaln_bwd_kernel(DOUT, DR, X, Y, G, SCALE, MEAN, RSTD, DX, DY, DSHP, DSCP, 
         tl.store(DSCP + part, dsc, mask=cmask)
     if HAS_RES: tl.store(DGP + part, dg, mask=cmask)
 
-# %% ../nbs/05_kernels.ipynb #14ae06d2
+# %% ../nbs/05_kernels.ipynb #ba1bfe0d
 def _adaln_fwd(x, y, gate, shift, scale, eps, has_res, has_norm):
     "Launch the fused forward; returns (r, out, mean, rstd), None where switched off."
     B, N, D = x.shape
@@ -339,7 +380,7 @@ def _adaln_bwd(dout, dr, x, y, gate, scale, mean, rstd, has_res, has_norm):
     dshift, dscale = (parts[0].sum(1), parts[1].sum(1)) if has_norm else (None, None)
     return dx, dy, (parts[2].sum(1) if has_res else None), dshift, dscale
 
-# %% ../nbs/05_kernels.ipynb #33d7c76f
+# %% ../nbs/05_kernels.ipynb #a9ac5899
 @torch.library.custom_op(f"{OPS_NAMESPACE}::modulated_layer_norm_fwd", mutates_args=())
 def modulated_layer_norm_fwd(x:Tensor, shift:Tensor, scale:Tensor, eps:float)->tuple[Tensor, Tensor, Tensor]:
     "Triton modulated LayerNorm forward: (out, mean, rstd)."
@@ -367,12 +408,12 @@ def _mln_setup(ctx, inputs, output):
 
 def _mln_backward(ctx, dout, dmean, drstd):
     x, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = modulated_layer_norm_bwd(dout, x, scale, mean, rstd)
+    dx, dshift, dscale = _call(modulated_layer_norm_bwd, dout, x, scale, mean, rstd)
     return dx, dshift.to(ctx.shift_dtype), dscale, None
 
 modulated_layer_norm_fwd.register_autograd(_mln_backward, setup_context=_mln_setup)
 
-# %% ../nbs/05_kernels.ipynb #866c4ebd
+# %% ../nbs/05_kernels.ipynb #b0798990
 @torch.library.custom_op(f"{OPS_NAMESPACE}::gated_residual_fwd", mutates_args=())
 def gated_residual_fwd(x:Tensor, y:Tensor, gate:Tensor)->Tensor:
     "Triton `x + gate * y`."
@@ -394,12 +435,12 @@ def _gr_setup(ctx, inputs, output): ctx.save_for_backward(inputs[1], inputs[2])
 
 def _gr_backward(ctx, dr):
     y, gate = ctx.saved_tensors
-    dy, dgate = gated_residual_bwd(dr, y, gate)
+    dy, dgate = _call(gated_residual_bwd, dr, y, gate)
     return dr, dy, dgate
 
 gated_residual_fwd.register_autograd(_gr_backward, setup_context=_gr_setup)
 
-# %% ../nbs/05_kernels.ipynb #57b0a7c7
+# %% ../nbs/05_kernels.ipynb #80d427bd
 @torch.library.custom_op(f"{OPS_NAMESPACE}::residual_modulated_layer_norm_fwd", mutates_args=())
 def residual_modulated_layer_norm_fwd(x:Tensor, y:Tensor, gate:Tensor, shift:Tensor, scale:Tensor, eps:float
                                       )->tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -429,12 +470,12 @@ def _rmln_setup(ctx, inputs, output):
 
 def _rmln_backward(ctx, dr, dout, dmean, drstd):
     x, y, gate, scale, mean, rstd = ctx.saved_tensors
-    dx, dy, dgate, dshift, dscale = residual_modulated_layer_norm_bwd(dr, dout, x, y, gate, scale, mean, rstd)
+    dx, dy, dgate, dshift, dscale = _call(residual_modulated_layer_norm_bwd, dr, dout, x, y, gate, scale, mean, rstd)
     return dx, dy, dgate, dshift.to(ctx.shift_dtype), dscale, None
 
 residual_modulated_layer_norm_fwd.register_autograd(_rmln_backward, setup_context=_rmln_setup)
 
-# %% ../nbs/05_kernels.ipynb #777955ec
+# %% ../nbs/05_kernels.ipynb #415090f6
 def _check_mod(x, y=None, gate=None, shift=None, scale=None)->list:
     "Check x (B, N, D) and its partners; return them with (B, 1, D) vectors squeezed to (B, D)."
     dims = check_shape(x, ("B", "N", "D"), "x")
@@ -455,7 +496,7 @@ def modulated_layer_norm(x:Tensor,       # (B, N, D)
     "LayerNorm (no affine) of x, then `* (1 + scale) + shift` per sample."
     shift, scale = _check_mod(x, shift=shift, scale=scale)
     if resolve_backend(backend, x) == "torch": return modulated_layer_norm_ref(x, shift, scale, eps)
-    return modulated_layer_norm_fwd(x, shift, scale, eps)[0]
+    return _apply(modulated_layer_norm_fwd, x, shift, scale, eps)[0]
 
 def gated_residual(x:Tensor,     # (B, N, D) the residual stream
                    y:Tensor,     # (B, N, D) the branch output
@@ -464,17 +505,17 @@ def gated_residual(x:Tensor,     # (B, N, D) the residual stream
     "`x + gate * y` with a per-sample gate broadcast over tokens."
     y, gate = _check_mod(x, y, gate)
     if resolve_backend(backend, x) == "torch": return gated_residual_ref(x, y, gate)
-    return gated_residual_fwd(x, y, gate)
+    return _apply(gated_residual_fwd, x, y, gate)
 
 def residual_modulated_layer_norm(x:Tensor, y:Tensor, gate:Tensor, shift:Tensor, scale:Tensor,
                                   eps:float=1e-6, backend:str|None=None)->tuple[Tensor, Tensor]:
     "`r = x + gate*y` and `modulated_layer_norm(r, shift, scale)` in one pass: returns (r, normed)."
     y, gate, shift, scale = _check_mod(x, y, gate, shift, scale)
     if resolve_backend(backend, x) == "torch": return residual_modulated_layer_norm_ref(x, y, gate, shift, scale, eps)
-    r, out, _, _ = residual_modulated_layer_norm_fwd(x, y, gate, shift, scale, eps)
+    r, out, _, _ = _apply(residual_modulated_layer_norm_fwd, x, y, gate, shift, scale, eps, diff=2)
     return r, out
 
-# %% ../nbs/05_kernels.ipynb #72c3468c
+# %% ../nbs/05_kernels.ipynb #3c3e93c4
 def gelu_tanh_ref(x:Tensor)->Tensor:
     "GELU, tanh approximation, in fp32."
     return F.gelu(x.float(), approximate="tanh").to(x.dtype)
@@ -523,15 +564,15 @@ def gelu_tanh_bwd(dy:Tensor, x:Tensor)->Tensor:
 def _(dy, x): return x.new_empty(x.shape)
 
 def _gelu_setup(ctx, inputs, output): ctx.save_for_backward(inputs[0])
-def _gelu_backward(ctx, dy): return gelu_tanh_bwd(dy, ctx.saved_tensors[0])
+def _gelu_backward(ctx, dy): return _call(gelu_tanh_bwd, dy, ctx.saved_tensors[0])
 gelu_tanh_fwd.register_autograd(_gelu_backward, setup_context=_gelu_setup)
 
 def gelu_tanh(x:Tensor, backend:str|None=None)->Tensor:
     "GELU with the tanh approximation, elementwise."
     if resolve_backend(backend, x) == "torch": return gelu_tanh_ref(x)
-    return gelu_tanh_fwd(x)
+    return _apply(gelu_tanh_fwd, x)
 
-# %% ../nbs/05_kernels.ipynb #9716cf99
+# %% ../nbs/05_kernels.ipynb #7e72b468
 def apply_rope_ref(x:Tensor, cos:Tensor, sin:Tensor)->Tensor:
     "Rotate (x[i], x[i+D/2]) by the table's angles, in fp32."
     h = x.shape[-1] // 2
@@ -540,7 +581,7 @@ def apply_rope_ref(x:Tensor, cos:Tensor, sin:Tensor)->Tensor:
     x1, x2 = xf[..., :h], xf[..., h:]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(x.dtype)
 
-# %% ../nbs/05_kernels.ipynb #aa1e5241
+# %% ../nbs/05_kernels.ipynb #b78314e3
 def default_rope_split(head_dim:int)->tuple[int, int, int]:
     "Split the head dim into (t, h, w) channel counts, each even: h and w get 2*(D//6), t the rest."
     check(head_dim % 2 == 0 and head_dim >= 6, "head_dim", "an even number >= 6", head_dim)
@@ -570,7 +611,7 @@ def video_positions(T:int, H:int, W:int, t0:int=0, device=None)->Tensor:
                              torch.arange(W, device=device), indexing="ij")
     return torch.stack([t, h, w], -1).reshape(-1, 3)
 
-# %% ../nbs/05_kernels.ipynb #d9978b71
+# %% ../nbs/05_kernels.ipynb #f3714108
 @triton.jit
 def _rope_kernel(X, COS, SIN, Y, H, N, HALF, sxb, sxh, sxn, scb, scn, ssb, ssn, syb, syh, syn,
                  BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -609,7 +650,7 @@ def _rope_setup(ctx, inputs, output): ctx.save_for_backward(*inputs)
 
 def _rope_backward(ctx, dy):
     x, cos, sin = ctx.saved_tensors
-    dx = rope_fwd(dy, cos, -sin)                       # the inverse rotation
+    dx = _call(rope_fwd, dy, cos, -sin)                # the inverse rotation
     dcos = dsin = None
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:   # tables are usually constants; learned ones get exact grads
         h = x.shape[-1] // 2
@@ -632,9 +673,9 @@ def apply_rope(x:Tensor,    # (B, H, N, D), D even
     spec = ("N", dims["D"] // 2) if cos.dim() == 2 else ("B", "N", dims["D"] // 2)
     check_shape(cos, spec, "cos", dims); check_shape(sin, spec, "sin", dims)
     if resolve_backend(backend, x) == "torch": return apply_rope_ref(x, cos, sin)
-    return rope_fwd(x, cos, sin)
+    return _apply(rope_fwd, x, cos, sin)
 
-# %% ../nbs/05_kernels.ipynb #4c9cdaa6
+# %% ../nbs/05_kernels.ipynb #d9186014
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KVL, qk_scale, H, NQ, NK, D,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -673,7 +714,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KVL, qk_scale, H, NQ, NK, D,
              mask=(offs_m < NQ)[:, None] & dmask[None, :])
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), 0.0), mask=offs_m < NQ)
 
-# %% ../nbs/05_kernels.ipynb #4e4094fa
+# %% ../nbs/05_kernels.ipynb #576b572c
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KVL, qk_scale, sm_scale, H, NQ, NK, D,
                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -747,7 +788,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KVL, qk_scale, sm_scale, H,
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=qmask[:, None] & dmask[None, :])
 
-# %% ../nbs/05_kernels.ipynb #b3474b7c
+# %% ../nbs/05_kernels.ipynb #01ac5006
 LOG2E = 1.4426950408889634
 _INTERP_BLOCK = 32
 
@@ -774,7 +815,7 @@ def _attn_consts(q:Tensor)->dict:
     return dict(BLOCK_D=max(16, _np2(q.shape[-1])), UPCAST=INTERPRET or q.dtype == torch.float32,
                 PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
-# %% ../nbs/05_kernels.ipynb #ee8fa7cb
+# %% ../nbs/05_kernels.ipynb #4ffcec4e
 @torch.library.custom_op(f"{OPS_NAMESPACE}::attention_fwd", mutates_args=())
 def attention_fwd(q:Tensor, k:Tensor, v:Tensor, kv_lens:Tensor, scale:float)->tuple[Tensor, Tensor]:
     "Triton flash-attention forward: (o, lse) with lse in log2 units."
@@ -819,12 +860,12 @@ def _attn_setup(ctx, inputs, output):
 
 def _attn_backward(ctx, do, dlse):
     q, k, v, o, lse, kv_lens = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, kv_lens, ctx.scale)
+    dq, dk, dv = _call(attention_bwd, do, q, k, v, o, lse, kv_lens, ctx.scale)
     return dq, dk, dv, None, None
 
 attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
 
-# %% ../nbs/05_kernels.ipynb #ad6c2e36
+# %% ../nbs/05_kernels.ipynb #c48489b0
 def _key_mask(kv_lens:Tensor, nk:int, device)->Tensor:
     "(B, Nk) True where a key is real."
     return torch.arange(nk, device=device)[None, :] < kv_lens.to(device)[:, None]
@@ -847,7 +888,7 @@ def attention_sdpa(q:Tensor, k:Tensor, v:Tensor, kv_lens:Tensor|None=None, scale
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=scale)
     return o.masked_fill(~keep.any(-1)[:, None, None, None], 0.0)
 
-# %% ../nbs/05_kernels.ipynb #0bd4e190
+# %% ../nbs/05_kernels.ipynb #49387e91
 def attention(q:Tensor,                    # (B, H, Nq, D)
               k:Tensor,                    # (B, H, Nk, D)
               v:Tensor,                    # (B, H, Nk, D)
@@ -869,9 +910,9 @@ def attention(q:Tensor,                    # (B, H, Nq, D)
     check(dims["D"] <= 256, "head dim", "at most 256 for backend='triton'", dims["D"])
     kl = (torch.full((dims["B"],), dims["Nk"], dtype=torch.int32, device=q.device) if kv_lens is None
           else kv_lens.to(device=q.device, dtype=torch.int32))
-    return attention_fwd(q, k, v, kl, scale)[0]
+    return _apply(attention_fwd, q, k, v, kl, scale)[0]
 
-# %% ../nbs/05_kernels.ipynb #14d6acd4
+# %% ../nbs/05_kernels.ipynb #788d4f0e
 TOLERANCE_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 def _scaled_err(a:Tensor, truth:Tensor)->float:

@@ -239,7 +239,7 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(BadInputError, match="v shape"): K.attention(q, q, torch.zeros(1, 2, 5, 8))
     with pytest.raises(BadInputError, match="dtypes"): K.attention(q, q, q.half())
     with pytest.raises(BadInputError, match="kv_lens shape"): K.attention(q, q, q, torch.tensor([1, 2]))
-    with pytest.raises(BadInputError, match="head dim"): K.attention(*(torch.zeros(1, 1, 2, 512),) * 3, backend="triton")
+    with pytest.raises(BadInputError, match="head dim"): K.attention(*(torch.zeros(1, 1, 2, 512, device=DEV),) * 3, backend="triton")
 
 
 def test_imports_and_runs_without_triton():
