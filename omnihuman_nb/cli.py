@@ -68,7 +68,7 @@ def command_parser(cmd:Command, prog:str="omnihuman")->argparse.ArgumentParser:
         p.add_argument(a.flag, dest=a.dest, help=h, **kw)
     return p
 
-# %% ../nbs/14_cli.ipynb #68a6d63e
+# %% ../nbs/14_cli.ipynb #dae1061c
 def _bad_clips_status(r): return 1 if r.get("n_bad") else 0
 
 # flags every benchmark shares
@@ -197,7 +197,9 @@ COMMANDS = [
     Command("bench", "kernels", "Triton kernels against torch eager, torch.compile and SDPA (GPU); interpreter sweep (CPU)",
             "omnihuman_nb.kernel_bench:bench_kernels", [
         JSON_OUT,
-        Arg("--quick", help="fewer shapes")]),
+        Arg("--quick", help="fewer shapes"),
+        Arg("--graphs", help="on a GPU, time forward passes replayed from a CUDA graph: the kernels' own time, without the CPU's "
+                             "launch cost (backward passes are timed eagerly either way)")]),
     Command("bench", "vae", "Our VAE against diffusers' AutoencoderKLCogVideoX, plus streaming checks",
             "omnihuman_nb.vae_train:bench_vae", [
         JSON_OUT,

@@ -89,11 +89,14 @@ def attention_cases(lengths=(1024, 2048, 4096, 8192, 16384), head_dims=(64, 128,
     def make(N, D): return lambda device, dtype: tuple(_leaf(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
     return [BenchCase("attention", f"{B}x{H}x{N}x{D}", make(N, D), "compute") for D in head_dims for N in lengths]
 
-# %% ../nbs/05b_kernel_bench.ipynb #1348c52e
-def time_ms(fn:Callable, device:str|torch.device, reps:int=3)->float:
-    "Median milliseconds per call of `fn`: triton's do_bench on CUDA, perf_counter on a CPU."
+# %% ../nbs/05b_kernel_bench.ipynb #5c97deac
+def time_ms(fn:Callable, device:str|torch.device, reps:int=3,
+            graph:bool=False  # on CUDA: replay `fn` from a CUDA graph (the GPU's time alone, no launch cost)
+           )->float:
+    "Median milliseconds per call of `fn`: triton's do_bench (or do_bench_cudagraph) on CUDA, perf_counter on a CPU."
     if torch.device(device).type == "cuda":
-        from triton.testing import do_bench      # needs a GPU: keep it off the CPU path
+        from triton.testing import do_bench, do_bench_cudagraph      # needs a GPU: keep it off the CPU path
+        if graph: return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))   # no L2 flush: fine for tensors above L2's 50 MB
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
     fn()                                          # warm-up (compilation, caches)
     ts = []
@@ -118,30 +121,30 @@ def impl_fn(op:str, impl:str, compiled:dict|None=None)->Callable:
     check(op == "attention", "impl 'sdpa'", "only for attention", op)
     return lambda *a: K.attention(*a, backend="sdpa")
 
-# %% ../nbs/05b_kernel_bench.ipynb #9ed97751
-def _row(case, impl, pas, ms, cost, note=None, peaks=K.H100_PEAKS)->dict:
+# %% ../nbs/05b_kernel_bench.ipynb #2b76121f
+def _row(case, impl, pas, ms, cost, note=None, peaks=K.H100_PEAKS, timing="eager")->dict:
     flops, nbytes = cost
     r = dict(op=case.op, shape=case.shape, group=case.group, impl=impl, **{"pass": pas}, ms=ms, note=note,
-             tflops=None, gbps=None, pct_peak=None)
+             tflops=None, gbps=None, pct_peak=None, timing=timing)
     if ms:
         r["tflops"], r["gbps"] = flops / ms / 1e9, nbytes / ms / 1e6
         r["pct_peak"] = 100 * (r["tflops"] * 1e12 / peaks["bf16_flops"] if case.group == "compute" else r["gbps"] * 1e9 / peaks["bytes_per_s"])
     return r
 
-def time_case(case:BenchCase, impl:str, device, dtype, compiled:dict|None=None, backward:bool=True)->list:
-    "Rows (fwd, and bwd if `backward`) for one implementation of one case."
+def time_case(case:BenchCase, impl:str, device, dtype, compiled:dict|None=None, backward:bool=True, graph:bool=False)->list:
+    "Rows (fwd, and bwd if `backward`) for one implementation of one case; `graph` times the forward from CUDA-graph replays."
     args = case.make(device, dtype)
     cost = op_cost(case.op, args)
     leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
     try:
         fn = impl_fn(case.op, impl, compiled)
-        with torch.no_grad(): fwd_ms = time_ms(lambda: fn(*args), device)
-        rows = [_row(case, impl, "fwd", fwd_ms, cost["fwd"])]
+        with torch.no_grad(): fwd_ms = time_ms(lambda: fn(*args), device, graph=graph)
+        rows = [_row(case, impl, "fwd", fwd_ms, cost["fwd"], timing="graph" if graph else "eager")]
         if backward:
             out = fn(*args)
             outs = out if isinstance(out, tuple) else (out,)
             douts = [torch.randn_like(o) for o in outs]
-            bwd_ms = time_ms(lambda: torch.autograd.grad(outs, leaves, douts, retain_graph=True), device)
+            bwd_ms = time_ms(lambda: torch.autograd.grad(outs, leaves, douts, retain_graph=True), device)   # eager: see Timing
             rows.append(_row(case, impl, "bwd", bwd_ms, cost["bwd"]))
         return rows
     except Exception as e:      # out of memory, a backend that refuses a shape, a config that fails to compile: note it, go on
@@ -152,29 +155,31 @@ def time_case(case:BenchCase, impl:str, device, dtype, compiled:dict|None=None, 
         del args, leaves
         if torch.device(device).type == "cuda": torch.cuda.empty_cache()
 
-# %% ../nbs/05b_kernel_bench.ipynb #d7bc05bd
-def time_sdpa(case:BenchCase, device, dtype)->list:
+# %% ../nbs/05b_kernel_bench.ipynb #b26fc1a0
+def time_sdpa(case:BenchCase, device, dtype, graph:bool=False)->list:
     "Rows for SDPA's fastest backend on an attention case, forward and backward separately."
     from torch.nn.attention import SDPBackend, sdpa_kernel
     best = {}
     names = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION") if torch.device(device).type == "cuda" else (None,)
     for name in names:
         ctx = sdpa_kernel([getattr(SDPBackend, name)]) if name else torch.enable_grad()
-        with ctx: rows = time_case(case, "sdpa", device, dtype)
+        with ctx: rows = time_case(case, "sdpa", device, dtype, graph=graph)
         for r in rows:
             r["note"] = r["note"] or (name or "default").lower()
             if r["ms"] and (r["pass"] not in best or r["ms"] < best[r["pass"]]["ms"]): best[r["pass"]] = r
     if not best: return rows
     return [best.get(p) or _row(case, "sdpa", p, None, op_cost(case.op, case.make("meta", dtype))[p], "no backend ran") for p in ("fwd", "bwd")]
 
-# %% ../nbs/05b_kernel_bench.ipynb #46eafaf1
+# %% ../nbs/05b_kernel_bench.ipynb #5aab2282
 def copy_bandwidth(device, nbytes:int=2**30)->float:
     "GB/s of a device-to-device copy of `nbytes` (read + write counted): the bandwidth memory-bound kernels can reach."
     x = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16)
     y = torch.empty_like(x)
     return 2 * nbytes / time_ms(lambda: y.copy_(x), device) / 1e6
 
-def gpu_benchmark(quick:bool=False, dtype=torch.bfloat16, device="cuda")->dict:
+def gpu_benchmark(quick:bool=False, dtype=torch.bfloat16, device="cuda",
+                  graphs:bool=False  # time forward passes from CUDA-graph replays (kernel time); False: eager calls (launch cost included)
+                 )->dict:
     "Time every case and implementation on the GPU: rows, the copy bandwidth, and the device."
     check(torch.device(device).type != "cuda" or torch.cuda.is_available(), "device", "a CUDA device", str(device))
     cases = norm_cases() + (attention_cases((1024, 4096), (64, 128)) if quick else attention_cases())
@@ -187,11 +192,12 @@ def gpu_benchmark(quick:bool=False, dtype=torch.bfloat16, device="cuda")->dict:
                 if case.op == "attention" and impl != "triton" and int(case.shape.split("x")[2]) > 8192:
                     rows += [_row(case, impl, p, None, (0, 0), "skipped: N x N fp32 scores do not fit") for p in ("fwd", "bwd")]
                     continue
-                rows += time_case(case, impl, device, dtype, compiled)
-            if case.op == "attention": rows += time_sdpa(case, device, dtype)
+                rows += time_case(case, impl, device, dtype, compiled, graph=graphs)
+            if case.op == "attention": rows += time_sdpa(case, device, dtype, graph=graphs)
     finally: fcfg.donated_buffer = donated
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or "cpu"
     return dict(mode="gpu", device=name, dtype=str(dtype).replace("torch.", ""), peaks=K.H100_PEAKS,
+                timing="forward passes from CUDA graphs, backward passes eager" if graphs else "eager calls",
                 copy_gbps=copy_bandwidth(device), rows=rows)
 
 # %% ../nbs/05b_kernel_bench.ipynb #15f95e1f
@@ -246,14 +252,15 @@ def interpreter_sweep(quick:bool=False, dtypes=(torch.float32, torch.float16, to
         rows.append(dict(K.compare_to_reference(f, args, dt), op=name, shape=shape))
     return rows
 
-# %% ../nbs/05b_kernel_bench.ipynb #0eb80d9f
+# %% ../nbs/05b_kernel_bench.ipynb #47a020a1
 def _fmt(v, spec): return "-" if v is None else format(v, spec)
 
 def print_bench(result:dict):
     "Print a result of `bench_kernels` as a table."
     print(f"device: {result['device']}  mode: {result['mode']}")
     if result["mode"] == "gpu":
-        print(f"copy bandwidth: {result['copy_gbps']:.0f} GB/s (H100 peak {K.H100_PEAKS['bytes_per_s']/1e9:.0f})")
+        print(f"copy bandwidth: {result['copy_gbps']:.0f} GB/s (H100 peak {K.H100_PEAKS['bytes_per_s']/1e9:.0f}); "
+              f"timing: {result.get('timing', 'eager calls')}")
         print(f"{'op':30s} {'shape':20s} {'pass':4s} {'impl':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%peak':>6s}  note")
         for r in result["rows"]:
             print(f"{r['op']:30s} {r['shape']:20s} {r['pass']:4s} {r['impl']:8s} {_fmt(r['ms'], '9.3f')} {_fmt(r['tflops'], '8.1f')} "
@@ -267,11 +274,12 @@ def print_bench(result:dict):
                   f"{r['grad_err']:9.1e} {r['grad_bound']:9.1e}  {r['ok']}")
 
 def bench_kernels(json_path:str|Path|None=None, # also write the result here as JSON
-                  quick:bool=False              # fewer shapes (GPU) or one shape per op (CPU sweep)
+                  quick:bool=False,             # fewer shapes (GPU) or one shape per op (CPU sweep)
+                  graphs:bool=False             # GPU: time forward passes from CUDA-graph replays (the kernels' own time)
                  )->dict:
     "Benchmark the kernels on a GPU; without one, say so and run the interpreter correctness sweep."
     if torch.cuda.is_available():
-        result = gpu_benchmark(quick)
+        result = gpu_benchmark(quick, graphs=graphs)
         result["targets"] = check_targets(result)
     else:
         print("No CUDA GPU here, so there are no kernel timings: GPU figures need a GPU. "
