@@ -179,12 +179,13 @@ def test_every_trainable_parameter_gets_a_gradient(inp):
     eq(sorted(set(k for k, _ in m.named_parameters()) - set(g)), [])
 
 def test_triton_backend_matches_torch_outputs_and_grads():
-    x = inputs(B=2, T=2, hw=2, L=3)
-    m = scramble(tiny(num_layers=2))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"           # compiled kernels on a GPU, the interpreter on a CPU
+    x = {k: v.to(dev) for k, v in inputs(B=2, T=2, hw=2, L=3).items()}
+    m = scramble(tiny(num_layers=2)).to(dev)
     m.set_backends(attention="torch")
     mt = copy.deepcopy(m).set_backends(norm="triton", modulate="triton", rope="triton", gelu="triton", attention="triton")
     with torch.no_grad(): close(mt(**x).sample, m(**x).sample, eps=1e-4)
-    x["condition_mask"] = {"ref": torch.tensor([True, False])}     # exercises key reordering + kv_lens in the kernel
+    x["condition_mask"] = {"ref": torch.tensor([True, False], device=dev)}     # exercises key reordering + kv_lens in the kernel
     g_ref, g_tri = _grads(m, x), _grads(mt, x)
     eq(set(g_ref), set(g_tri))
     for k in g_ref:
