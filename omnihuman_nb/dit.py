@@ -160,23 +160,22 @@ class PoseGuider(nn.Module):
                  neighbours:int=1):      # latent frames concatenated on each side
         super().__init__()
         check(spatial >= 1 and spatial & (spatial - 1) == 0, "PoseGuider spatial", "a power of 2", spatial)
-        first, c = min(spatial, 4), width // 2
-        layers = [nn.Conv3d(keypoints, c, (1, first, first), stride=(1, first, first)), nn.SiLU()]
-        for _ in range(int(math.log2(spatial // first))): layers += [nn.Conv3d(c, width, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), nn.SiLU()]; c = width
-        layers += [nn.Conv3d(c, width, (1, 3, 3), padding=(0, 1, 1)), nn.SiLU()]
-        self.frame = nn.Sequential(*layers)
-        self.mix = nn.Conv2d(temporal * width, channels, 1)
+        self.cell = min(spatial, 4)                                         # pixels averaged along each side of a cell
+        layers = [nn.Conv2d(temporal * keypoints, width, 1), nn.SiLU()]
+        for _ in range(int(math.log2(spatial // self.cell))): layers += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU()]
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, channels, 1)]
+        self.net = nn.Sequential(*layers)
         self.keypoints, self.spatial, self.temporal, self.neighbours = keypoints, spatial, temporal, neighbours
         self.out_dim = (2 * neighbours + 1) * channels
 
     def forward(self, heatmaps:torch.Tensor)->torch.Tensor:
         B, T, H, W = check_shape(heatmaps, ("B", self.keypoints, "T", "H", "W"), "pose heatmaps").values()
         check(H % self.spatial == 0 and W % self.spatial == 0, "pose heatmaps height and width", f"multiples of {self.spatial}", (H, W))
-        f = self.frame(heatmaps).transpose(1, 2)                              # (B, T, width, h, w)
-        f = latent_frame_groups(f, self.temporal, "pose heatmaps")            # (B, T', 4, width, h, w)
-        Tl = f.shape[1]
-        f = self.mix(f.reshape(B * Tl, -1, *f.shape[-2:]))                    # (B T', channels, h, w)
-        f = f.reshape(B, Tl, *f.shape[1:])
+        s = self.cell
+        cells = F.avg_pool3d(heatmaps, (1, s, s)).transpose(1, 2)          # (B, T, K, H/s, W/s): one read of the big input, no weights
+        g = latent_frame_groups(cells, self.temporal, "pose heatmaps")      # (B, T', 4, K, H/s, W/s)
+        Tl = g.shape[1]
+        f = self.net(g.flatten(0, 1).flatten(1, 2)).unflatten(0, (B, Tl))  # (B, T', channels, h, w): latent frames in the batch
         n = self.neighbours
         idx = (torch.arange(Tl, device=f.device)[:, None] + torch.arange(-n, n + 1, device=f.device)).clamp(0, Tl - 1)
         return f[:, idx].flatten(2, 3).transpose(1, 2)                        # (B, (2n+1) channels, T', h, w)
