@@ -600,6 +600,20 @@ def parameter_counts(names=tuple(DIT_CONFIGS))->dict:
         out[n] = dict(total=total, blocks=blocks, audio=audio, pose=pose, rest=total - blocks - audio - pose)
     return out
 
+# %% ../nbs/06_dit.ipynb #8cdb3356
+@classmethod
+def _from_pretrained(cls, *args, **kwargs):
+    "diffusers' `from_pretrained`, made strict: weights that don't fit the model are an error, not a warning and fresh random layers."
+    want_info = kwargs.pop("output_loading_info", False)
+    model, info = ModelMixin.from_pretrained.__func__(cls, *args, output_loading_info=True, **kwargs)
+    bad = {k: sorted(str(x[0] if isinstance(x, tuple) else x) for x in info[k])[:6] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    check(not bad, f"DiT weights in {where}", "one weight of the right shape for every parameter of the model its config.json describes", bad,
+          hint="They were saved by another version of OmniHumanDiT: retrain, or load them with `load_state_dict(..., strict=False)` and train the layers they lack.")
+    return (model, info) if want_info else model
+
+OmniHumanDiT.from_pretrained = _from_pretrained
+
 # %% ../nbs/06_dit.ipynb #678275f7
 def _bench_batch(model, batch, frames, size, text_tokens, seed=0):
     "Classroom inputs with every condition on, for `model`'s config."
