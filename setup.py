@@ -34,7 +34,8 @@ setuptools.setup(
     include_package_data=True,
     package_data={cfg['lib_path']: ['assets/*.safetensors',                          # the trained probes of chapter 11
                                  'assets/classroom/*.json', 'assets/classroom/vae/*', # the demo's classroom weights (chapter 15)
-                                 'assets/classroom/dit/*.json', 'assets/classroom/dit/model/*']},
+                                 'assets/classroom/dit/*.json', 'assets/classroom/dit/model/*',
+                                 'assets/speech/*.wav']},                             # the demo's speech
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + min_python,

@@ -136,7 +136,7 @@ COMMANDS = [
         Arg("--cache", help="cache VAE latents on disk (--no-cache encodes every step)"),
         Arg("--device", help="auto, cpu or cuda")]),
     Command("generate", None, "Generate a video of the reference person, driven by audio, text and pose", "omnihuman_nb.pipeline:generate", [
-        Arg("--model", "model_dir", help="a pipeline folder (from training, or save_pretrained)"),
+        Arg("--model", "model_dir", help="weights: a pipeline folder, a bundle (dit/ + vae/) or a `demo --train` run (default: the shipped classroom weights)", kw=dict(type=str)),
         Arg("--ref", help="the reference image"),
         Arg("--audio", help="a wav that drives the mouth and the body", kw=dict(type=str)),
         Arg("--text", help="a caption", kw=dict(type=str)),

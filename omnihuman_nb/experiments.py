@@ -193,8 +193,7 @@ def _cfg_experiment(base:dict, cfg:ExperimentConfig, out:Path, progress=None, mo
 def long_inputs(out:Path, seconds:float|None=None)->dict:
     "The long video's inputs: a held-out half-body reference (identity 6), its caption, and the demo's two utterances back to back."
     from PIL import Image
-    from omnihuman_nb.demo import data_samples_dir
-    sp = data_samples_dir() / "speech"
+    from omnihuman_nb.demo import SPEECH_DIR as sp
     wav = np.concatenate([load_wav(sp / "hello_puppet_f.wav"), np.zeros(SR // 4, np.float32), load_wav(sp / "wave_hand_m.wav")])
     if seconds is not None: wav = wav[:int(seconds * SR)]
     ident = identity_pool(8, 0)[6]

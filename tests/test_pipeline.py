@@ -168,12 +168,12 @@ def test_reference_policy(ref):
 
 def test_generate_writes_and_reports(model_dir, ref, tmp_path, capsys):
     Image.fromarray(ref).save(tmp_path / "ref.png")
-    res = generate(model_dir, tmp_path / "ref.png", audio=SPEECH, text=CAPTION, seconds=0.4, steps=2, out=tmp_path / "o" / "out.mp4")
+    res = generate(tmp_path / "ref.png", audio=SPEECH, text=CAPTION, seconds=0.4, steps=2, out=tmp_path / "o" / "out.mp4", model_dir=model_dir)
     assert f"outputs are in {tmp_path / 'o' / 'out.mp4'}" in capsys.readouterr().out
     eq(res["frames"], 10); eq(Path(res["out"]).exists(), True)
     eq(read_video(res["out"])[0].shape, (10, 32, 32, 3))
     eq(sorted(x.name for x in (tmp_path / "o").iterdir()), ["out.mp4"])
-    fails(lambda: generate(model_dir, tmp_path / "ref.png", pose=POSE, seconds=5, out=tmp_path / "p.mp4"), contains="pose: expected at least")
+    fails(lambda: generate(tmp_path / "ref.png", pose=POSE, seconds=5, out=tmp_path / "p.mp4", model_dir=model_dir), contains="pose: expected at least")
     assert not (tmp_path / "p.mp4").exists()
 
 def test_bench_sample_keys(tmp_path):
