@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, check, Config, atomic_path
+from .core import BadInputError, check, Config, atomic_path, write_text_atomic
 from .puppet import (FPS, SR, SAMPLES_PER_FRAME, JOINTS, BONES, FRAMINGS, GESTURES, PuppetClip,
                                  identity_pool, one_thread, parse_size, render_puppet_clip)
 
@@ -293,7 +293,7 @@ def render_dataset(out:str|Path,               # folder to write (created)
     secs = time.perf_counter() - t0
     doc = dict(format="omnihuman-puppet-dataset/1", seed=seed, size=[H, W], seconds=seconds, fps=FPS,
                audio_share=audio_share, pose_share=pose_share, identities=[p.to_dict() for p in pool], held_out=held, clips=index)
-    (out / "dataset.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_text_atomic(out / "dataset.json", json.dumps(doc, indent=1) + "\n")
     res = dict(out=str(out), clips=clips, with_audio=int(has_audio.sum()), with_pose=int(has_pose.sum()),
                held_out_identities=held, heldout_clips=sum(r["split"] == "heldout" for r in index), seconds_taken=round(secs, 2))
     if verbose:
@@ -528,8 +528,7 @@ def bench_data(size=64,                  # render size
                loader_samples_per_s=round(rate, 1), loader_samples_per_s_cached=round(rate_cached, 1),
                torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(res, indent=1) + "\n")
+        write_text_atomic(json_path, json.dumps(res, indent=1) + "\n")
     if verbose:
         print(f"render: {res['render_frames_per_s']:.0f} frames/s at {W}x{H} (writing mp4/wav/json: {res['write_frames_per_s']:.0f} frames/s)")
         print(f"loader: {res['loader_samples_per_s']:.1f} samples/s decoding mp4 ({num_workers} workers), "

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import omnihuman_nb
-from .core import Config, BadInputError, check, get_device
+from .core import Config, BadInputError, check, get_device, write_text_atomic
 from .puppet import FPS, SR, identity_pool, render_puppet_clip, make_caption, load_wav, mouth_from_audio
 
 # %% ../nbs/15_demo.ipynb #49b4912c
@@ -65,7 +65,7 @@ def train_classroom(out_dir="outputs/classroom",      # the run folder (data/, v
     summary = dict(run=str(out), minutes=minutes, total_minutes=round(sum(minutes.values()), 2), recipe=r.to_dict(),
                    vae={k: v for k, v in vae.items() if k.startswith("heldout") or k in ("steps", "minutes")},
                    dit={k: dit.get(k) for k in ("steps", "minutes", "final_loss") if k in dit})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     if verbose: print(f"classroom weights made in {summary['total_minutes']} min ({minutes}); outputs are in {out}")
     return summary
 
@@ -206,7 +206,7 @@ def write_report(results:list[dict], path, info:dict|None=None)->Path:
            f"<script>{plotly.offline.get_plotlyjs()}</script>"
            f"<style>body{{font-family:sans-serif;max-width:1000px;margin:auto}} figure{{display:inline-block;margin:8px}} video{{image-rendering:pixelated}}</style>"
            f"</head><body><h1>omnihuman demo</h1><div>{vids}</div><h2>Targets</h2><ul>{lines}</ul>{figs}<h2>Run</h2><pre>{about}</pre></body></html>")
-    tmp = path.with_suffix(".partial.html"); tmp.write_text(doc); tmp.replace(path)
+    write_text_atomic(path, doc)
     return path
 
 # %% ../nbs/15_demo.ipynb #ce337a70
@@ -240,7 +240,7 @@ def demo(out="outputs/demo",             # where the videos, metrics.json and re
     summary = dict(info=info, targets={r["name"]: r["target"] for r in results},
                    videos={r["name"]: keep(r["metrics"]) | dict(video=r["video"], seconds=r["seconds"], generate_s=r["generate_s"], score_s=r["score_s"])
                            for r in results})
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2, default=str) + "\n")
     report = write_report(results, out / "report.html", info)
     if verbose:
         print(f"\n{'video':<14}{'seconds':>8}{'sync_r':>8}{'pck':>7}{'hand_var':>9}{'id drift':>9}{'fd':>8}{'flicker':>8}   target")

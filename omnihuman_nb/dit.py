@@ -15,7 +15,7 @@ import dataclasses, contextlib, json, math, time
 from collections import defaultdict
 import torch, torch.nn as nn, torch.nn.functional as F
 from . import kernels as K     # first: it must switch Triton's interpreter on before anything imports triton
-from .core import BadInputError, check, check_shape, check_finite
+from .core import BadInputError, check, check_shape, check_finite, write_text_atomic
 from diffusers import ModelMixin, ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
@@ -746,8 +746,6 @@ def bench_dit(json_path=None,            # also write the result here as JSON
     print("our step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in res["split"].items()))
     print("parameters: " + ", ".join(f"{k} {v['total'] / 1e6:.1f} M" for k, v in res["parameter_counts"].items()))
     if json_path is not None:
-        p = __import__("pathlib").Path(json_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(res, indent=2) + "\n")
+        p = write_text_atomic(json_path, json.dumps(res, indent=2) + "\n")
         print(f"outputs are in {p}")
     return res

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import Config, BadInputError, check
+from .core import Config, BadInputError, check, atomic_path, write_text_atomic
 from .puppet import FPS, SR, identity_pool, render_puppet_clip, make_caption, load_wav
 
 # %% ../nbs/12_experiments.ipynb #e26b8421
@@ -66,7 +66,7 @@ def _train(base:dict, run:Path, stage:int, tc, steps:int, init_from=None, data=N
     shutil.rmtree(run, ignore_errors=True)
     train(data or base["data"], base["vae"], run, stages=str(stage), steps_per_stage=steps, config=tc,
           cache_dir=base["cache"], init_from=init_from, verbose=False)
-    (run / RUN_KEY).write_text(json.dumps(key, indent=1))
+    write_text_atomic(run / RUN_KEY, json.dumps(key, indent=1))
     return run
 
 def prepare_base(out="outputs/experiments",          # experiments folder (base/ goes in it)
@@ -262,8 +262,9 @@ def run_experiment(name:str,                         # one of EXPERIMENTS
     table = experiment_table(summary, metrics)
     res = dict(name=name, config=cfg.to_dict(), metrics=list(metrics), rows=rows, summary=summary, table=table,
                minutes=dict(base=round(t_base / 60, 2), experiment=round((time.perf_counter() - t0 - t_base) / 60, 2)))
-    (d / "results.json").write_text(json.dumps(res, indent=1, default=str))
-    experiment_figure(summary, metrics, f"{name}: mean ± spread over seeds {cfg.seeds}").write_html(d / "figure.html", include_plotlyjs="cdn")
+    write_text_atomic(d / "results.json", json.dumps(res, indent=1, default=str))
+    with atomic_path(d / "figure.html") as f:
+        experiment_figure(summary, metrics, f"{name}: mean ± spread over seeds {cfg.seeds}").write_html(f, include_plotlyjs="cdn")
     if verbose: print(table + f"\n{name}: {res['minutes']['experiment']} min (+{res['minutes']['base']} min for the base); outputs are in {d}")
     return res
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .core import check
+from .core import check, write_text_atomic
 from . import kernels as K
 
 # %% ../nbs/05b_kernel_bench.ipynb #1c9410e7
@@ -289,8 +289,7 @@ def bench_kernels(json_path:str|Path|None=None, # also write the result here as 
                       all_ok=all(r["ok"] for r in rows))
     print_bench(result)
     if json_path is not None:
-        p = Path(json_path); p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        p = write_text_atomic(json_path, json.dumps(result, indent=1, default=str) + "\n")
         print(f"outputs are in {p}")
     if result["mode"] != "gpu": check(result["all_ok"], "interpreter sweep", "every op within tolerance",
                                       [f"{r['op']} {r['dtype']}" for r in result["rows"] if not r["ok"]])

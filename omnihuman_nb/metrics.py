@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import omnihuman_nb
-from .core import BadInputError, check, check_shape, seed_everything, make_generator
+from .core import BadInputError, check, check_shape, seed_everything, make_generator, write_text_atomic
 from .puppet import (FPS, SR, JOINTS, J, HAND_JOINTS, COLOURS, GESTURES, FRAMINGS, Identity, identity_pool,
                                  random_identity, render_puppet_clip, mouth_from_audio, one_thread)
 
@@ -328,7 +328,7 @@ def train_probes(out_dir:str|Path|None=None,  # write probes.safetensors (+ accu
     probe.meta = report
     if out_dir is not None:
         p = save_probes(probe, Path(out_dir) / "probes.safetensors", report)
-        (Path(out_dir) / "accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_text_atomic(Path(out_dir) / "accuracy.json", json.dumps(report, indent=1) + "\n")
         if verbose: print(f"outputs are in {p.parent}")
     return probe, report
 
@@ -468,8 +468,7 @@ def print_metrics(columns:dict[str, dict],   # column title -> a result dict hol
 
 def _write_json(res:dict, json_path)->None:
     if json_path is None: return
-    p = Path(json_path); p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(res, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
+    p = write_text_atomic(json_path, json.dumps(res, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
     print(f"outputs are in {p}")
 
 # %% ../nbs/11_metrics.ipynb #8679853e

@@ -22,7 +22,7 @@ from diffusers import DiffusionPipeline, ModelMixin, ConfigMixin, FlowMatchEuler
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from .core import BadInputError, check, check_finite, make_generator, atomic_path
+from .core import BadInputError, check, check_finite, make_generator, atomic_path, write_text_atomic
 from .puppet import FPS, SR, JOINTS
 from .data import read_audio, read_pose, pose_heatmaps, X264_OPTIONS
 from .vae import CausalVAE
@@ -691,7 +691,6 @@ def bench_sample(json_path:str|Path|None=None,   # also write the result here as
     print(f"{'CFG velocity, separate (ms)':<34}{out['cfg_separate_ms']:>12.1f}")
     print(f"{'batched_cfg_speedup (target 1.3)':<34}{out['batched_cfg_speedup']:>12.2f}")
     if json_path is not None:
-        p = Path(json_path); p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(out, indent=2) + "\n")
+        p = write_text_atomic(json_path, json.dumps(out, indent=2) + "\n")
         print(f"outputs are in {p}")
     return out

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
-from .core import Config, BadInputError, check, get_rng_state, set_rng_state, get_device
+from .core import Config, BadInputError, check, get_rng_state, set_rng_state, get_device, atomic_path, publish, write_text_atomic
 from .data import usable_clips, read_meta, read_video, read_audio, read_pose, log_mel, pose_heatmaps, CLIP_FILES
 from .dit import build_dit, dit_config, OmniHumanDiT
 from .conditions import text_encoder
@@ -194,7 +194,7 @@ class LatentClips:
         lat = self.encode(i)
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(f".tmp{os.getpid()}")
-        save_file(lat, tmp); os.replace(tmp, f)      # atomic: a killed run never leaves half a file
+        save_file(lat, tmp); publish(tmp, f)         # atomic: a killed run never leaves half a file
         return lat
 
     def encode(self, i:int)->dict:
@@ -348,8 +348,8 @@ def save_checkpoint(run_dir:Path, step:int, model, optimizer, scheduler, ema:EMA
     save_file(ema.state_dict(), tmp / "ema.safetensors")
     torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=get_rng_state()), tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    os.replace(tmp, final)
-    (root / "latest.tmp").write_text(final.name); os.replace(root / "latest.tmp", root / "latest")
+    publish(tmp, final)                                                     # mkdtemp's 0700 becomes the usual 0755
+    write_text_atomic(root / "latest", final.name)
     done = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in done[:-keep]: shutil.rmtree(old, ignore_errors=True)
     return final
@@ -605,8 +605,9 @@ def train(data_dir,                          # folder of clip folders (see chapt
     if world > 1:
         (out / f"rank{rank}.json").write_text(json.dumps(dict(rank=rank, seen=seen, weights_sha=res["weights_sha"])))
     if main:
-        if log_path.exists(): plot_curves(log_path).write_html(out / "curves.html", include_plotlyjs="cdn")
-        (out / "summary.json").write_text(json.dumps(res, indent=1))
+        if log_path.exists():
+            with atomic_path(out / "curves.html") as f: plot_curves(log_path).write_html(f, include_plotlyjs="cdn")
+        write_text_atomic(out / "summary.json", json.dumps(res, indent=1))
         if verbose: _print_counts(res)
     acc.wait_for_everyone()
     return res
@@ -653,5 +654,5 @@ def bench_train(json_path=None,          # also write the result here as JSON
         for k in ("cached", "uncached"): print(f"{k:<10}{res[k]['s_per_step']:>10.3f}{res[k]['samples_per_s']:>12.2f}{res[k]['setup_s']:>10.1f}")
         print(f"latent caching is {res['speedup']}x faster per step (classroom DiT, batch {cfg.batch_size}, {torch.get_num_threads()} threads)")
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True); Path(json_path).write_text(json.dumps(res, indent=1))
+        write_text_atomic(json_path, json.dumps(res, indent=1))
     return res

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from tqdm.auto import tqdm
-from .core import BadInputError, Config, check, check_shape, check_finite, seed_everything, make_generator
+from .core import BadInputError, Config, check, check_shape, check_finite, seed_everything, make_generator, atomic_path, write_text_atomic
 from .vae import CausalVAE, TensorMemory
 from .data import read_video, write_video
 
@@ -309,7 +309,7 @@ def latent_stats(vae:CausalVAE, clips:list[dict], max_clips:int=16, max_frames:i
 
 # %% ../nbs/04_vae_training.ipynb #eaf5d9fd
 def _save_ckpt(path:Path, **state):
-    tmp = path.with_suffix(".tmp"); torch.save(state, tmp); os.replace(tmp, path)
+    with atomic_path(path) as tmp: torch.save(state, tmp)
 
 def train_vae(data_dir,                         # folder of clips (see load_clips)
               out_dir,                          # where checkpoints, log and the trained VAE go
@@ -397,7 +397,7 @@ def train_vae(data_dir,                         # folder of clips (see load_clip
                    train_clips=len(train), heldout_clips=len(held), heldout_identities=sorted({c["identity"] for c in held}),
                    heldout_is_train=not split_identities(clips, cfg.holdout, cfg.seed)[1],
                    final_loss=last.get("loss"), vae_dir=str(out / "vae")) | {f"heldout_{k}": v for k, v in ev.items() if k != "clips"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     print(f"heldout PSNR {summary['heldout_psnr']:.2f} dB, SSIM {summary['heldout_ssim']:.3f}"
           + (f", mouth PSNR {summary['heldout_mouth_psnr']:.2f} dB" if "heldout_mouth_psnr" in summary else "")
           + f" after {step} steps ({summary['minutes']} min)")
@@ -529,8 +529,7 @@ def bench_vae(json_path=None,                          # also write the results 
     print(f"times (s, median of {repeats}): encode ours {med['enc_ours']:.3f} / CogVideoX {med['enc_theirs']:.3f}, "
           f"decode ours {med['dec_ours']:.3f} / CogVideoX {med['dec_theirs']:.3f}")
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(res, indent=2))
+        write_text_atomic(json_path, json.dumps(res, indent=2))
         print(f"outputs are in {json_path}")
     return res
 
