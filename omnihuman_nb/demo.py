@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SPEECH_DIR', 'TARGETS', 'DemoRecipe', 'train_classroom', 'ship_weights', 'classroom_pipeline', 'demo_inputs',
-           'upscale', 'run_job', 'write_report', 'demo', 'mouth_through_vae']
+           'upscale', 'run_job', 'write_report', 'demo', 'mouth_through_vae', 'CLASSROOM_DIR']
 
 # %% ../nbs/15_demo.ipynb #f9be718b
 import dataclasses, html, json, shutil, time
@@ -19,6 +19,7 @@ from .puppet import FPS, SR, identity_pool, render_puppet_clip, make_caption, lo
 
 # %% ../nbs/15_demo.ipynb #49b4912c
 from .pipeline import SHIPPED_WEIGHTS as CLASSROOM_DIR   # the bundle this chapter makes and ships
+_all_ = ["CLASSROOM_DIR"]
 SPEECH_DIR = Path(omnihuman_nb.__file__).resolve().parent / "assets" / "speech"   # the demo's held-out speech (data_samples/speech links here)
 
 # %% ../nbs/15_demo.ipynb #24cb834a

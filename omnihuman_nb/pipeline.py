@@ -22,7 +22,7 @@ from diffusers import DiffusionPipeline, ModelMixin, ConfigMixin, FlowMatchEuler
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from .core import BadInputError, check, check_finite, make_generator, atomic_path, write_text_atomic
+from .core import BadInputError, check, check_finite, make_generator, get_device, atomic_path, write_text_atomic
 from .puppet import FPS, SR, JOINTS
 from .data import read_audio, read_pose, pose_heatmaps, X264_OPTIONS
 from .vae import CausalVAE
@@ -596,7 +596,6 @@ SHIPPED_WEIGHTS = Path(omnihuman_nb.__file__).resolve().parent / "assets" / "cla
 def load_pipeline(model:str|Path|None=None,   # a pipeline folder, a bundle (dit/ + vae/), a `demo --train` run, or None: the shipped weights
                   device:str="auto")->OmniHumanPipeline:
     "A ready pipeline from any of the shapes weights come in; a folder that is none of them is a `BadInputError` that says what would do."
-    from omnihuman_nb.core import get_device
     p = Path(model) if model is not None else SHIPPED_WEIGHTS
     check(p.is_dir(), "model", "a pipeline folder, a bundle with dit/ and vae/, or a `demo --train` run", f"{p} (not a folder)")
     for d in (p, p / "pipeline"):
