@@ -6,16 +6,20 @@
 __all__ = ['VARIANTS', 'LIMB_BONES', 'ARM_RADIUS', 'REGIONS', 'condition_windows', 'window_pose', 'decode_frames',
            'probe_keypoints', 'probe_pixels', 'keypoint_error', 'variant_inputs', 'pose_reliance',
            'pose_reliance_table', 'head_radius', 'mouth_masks', 'limb_masks', 'to_latent_grid', 'region_masks',
-           'timestep_weights', 'loss_by_region', 'region_table', 'region_figure']
+           'timestep_weights', 'loss_by_region', 'region_table', 'region_figure', 'branch_point', 'always_on_config',
+           'learnability_curve', 'learnability_table', 'learnability_figure']
 
 # %% ../nbs/16_reliance.ipynb #eb793bd3
+import dataclasses, json, shutil, tempfile, time
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from .core import check
+from .core import check, publish, write_text_atomic
 from .puppet import J, BODY
 from .flow import CONDITIONS, FlowConfig, noisy_sample, velocity_target, flow_loss, sample_timesteps
-from .trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch
+from .trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch, train_config
 from .metrics import read_probes, PROBE_SIZE
 from .pipeline import fit_box
 from .vae_train import puppet_mouth_boxes
@@ -267,3 +271,119 @@ def region_figure(res:dict)->"go.Figure":
                      for g in REGIONS])
     return fig.update_layout(barmode="stack", yaxis_tickformat=".0%", height=360, width=640,
                              title=f"share of the flow-matching loss by region ({res['split']} clips)")
+
+# %% ../nbs/16_reliance.ipynb #2cf0af42
+def branch_point(dit_dir,            # a DiT folder with model/ (the shipped bundle's dit/, or a pipeline's)
+                 vae_dir,            # the VAE it was trained with
+                 out)->Path:         # where the checkpoint goes (made once, reused)
+    "A trainer checkpoint made from a finished DiT folder, so `train(init_from=...)` can branch from it: float weights as both model and EMA, step 0, the VAE's id."
+    from safetensors.torch import load_file, save_file
+    from omnihuman_nb.trainer import vae_fingerprint
+    src, out = Path(dit_dir), Path(out)
+    if (out / "trainer_state.json").is_file(): return out
+    w = src / "model" / "diffusion_pytorch_model.safetensors"
+    check(w.is_file(), "dit_dir", "a DiT folder holding model/diffusion_pytorch_model.safetensors", str(src))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    shutil.copytree(src / "model", tmp / "model", dirs_exist_ok=True)
+    sd = {k: v.float().contiguous() for k, v in load_file(w).items()}
+    save_file(sd, tmp / "model" / "diffusion_pytorch_model.safetensors"); save_file(sd, tmp / "ema.safetensors")
+    st = json.loads((src / "trainer_state.json").read_text()) if (src / "trainer_state.json").is_file() else {}
+    st.update(step=0, vae_id=vae_fingerprint(vae_dir))
+    (tmp / "trainer_state.json").write_text(json.dumps(st, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    publish(tmp, out)
+    return out
+
+# %% ../nbs/16_reliance.ipynb #39558074
+def always_on_config(condition:str,            # "audio" or "pose": switched on in every sample that has it
+                     config="classroom",       # the base TrainConfig (a name, a JSON file or a config)
+                     motion_share:float=0.5,   # share of windows that continue from motion frames
+                     **overrides)->TrainConfig:   # TrainConfig fields the arm changes, e.g. region_weights
+    "One stage with text, reference and `condition` on for every sample: the setting in which a condition is easiest to learn."
+    check(condition in ("audio", "pose"), "condition", "'audio' or 'pose'", repr(condition))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    check(set(overrides) <= known, "arm overrides", f"TrainConfig fields (or motion_share)", sorted(set(overrides) - known))
+    stage = StageConfig(f"{condition} always on", dict(text=1.0, ref=1.0, **{condition: 1.0}), motion_share=motion_share)
+    return train_config(config, stages=[stage], **overrides)
+
+def learnability_curve(data_dir,                # clip folders with the condition (chapter 02)
+                       vae_dir,                 # the VAE the DiT trains on
+                       out_dir,                 # one run per arm goes here, with learnability.json (a rerun resumes)
+                       condition:str,           # "audio" or "pose"
+                       arms:dict,               # arm name -> TrainConfig overrides (motion_share allowed; data_dir: the arm's own clips)
+                       steps=(500, 1000, 2000), # measure after this many optimizer steps
+                       init_from=None,          # branch every arm from this checkpoint (`branch_point`); None: from scratch
+                       config="classroom",      # the base TrainConfig
+                       eval_dir=None,           # clips the reliance is measured on (None: data_dir)
+                       split:str="heldout",     # which of them
+                       ts=(0.7,),               # noise levels of the reliance instrument
+                       max_clips:int|None=8, windows_per_clip:int=3,
+                       verbose:bool=True)->dict:
+    "Train each arm with `condition` always on, side by side (same data, seed and steps), and measure its reliance on the condition after each step count."
+    from omnihuman_nb.trainer import train, latest_checkpoint
+    from omnihuman_nb.pipeline import assemble_pipeline
+    from omnihuman_nb.experiments import audio_reliance
+    check(len(arms) >= 1 and all(isinstance(v, dict) for v in arms.values()), "arms", "a dict of arm name -> dict of TrainConfig overrides", arms)
+    steps = sorted(int(s) for s in steps)
+    check(len(steps) >= 1 and steps[0] >= 1, "steps", "step counts >= 1", steps)
+    _check_ts(ts)
+    cfgs = {a: always_on_config(condition, config, **{k: v for k, v in ov.items() if k != "data_dir"}) for a, ov in arms.items()}   # all checked first
+    eval_dir = data_dir if eval_dir is None else eval_dir
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "learnability.json"
+    res = json.loads(res_path.read_text()) if res_path.is_file() else dict(condition=condition, split=split, ts=list(ts), rows=[])
+    check(res["condition"] == condition and res["split"] == split and res["ts"] == list(ts), "out_dir",
+          f"a new folder, or one measured with condition={condition!r}, split={split!r}, ts={list(ts)}", str(out))
+    res["arms"] = {**res.get("arms", {}), **{a: {k: str(v) if k == "data_dir" else v for k, v in ov.items()} for a, ov in arms.items()}}
+    measure = audio_reliance if condition == "audio" else pose_reliance
+    done = {(r["arm"], r["steps"]) for r in res["rows"]}
+    for a, cfg in cfgs.items():
+        run = out / a
+        for n in steps:
+            if (a, n) in done: continue
+            last = latest_checkpoint(run)
+            at = json.loads((last / "trainer_state.json").read_text())["step"] if last else 0
+            check(at <= n, f"steps of arm '{a}'", f"at least the {at} steps its run in {run} has already made", n,
+                  hint="Measure fewer steps in a new out_dir.")
+            t0 = time.perf_counter()
+            train(arms[a].get("data_dir", data_dir), vae_dir, run, stages="1", steps_per_stage=steps[-1], config=cfg.replace(checkpoint_every=steps[0]),
+                  init_from=init_from, max_steps=n, resume=last is not None, cache_dir=out / "latent_cache", verbose=False)
+            before = [r["train_s"] for r in res["rows"] if r["arm"] == a and r["steps"] < n]
+            train_s = time.perf_counter() - t0 + max(before, default=0.0)   # training seconds in all, up to n steps
+            pipe = assemble_pipeline(run, vae_dir)
+            pipe.set_progress_bar_config(disable=True)
+            rel = measure(pipe, eval_dir, split=split, ts=tuple(ts), windows_per_clip=windows_per_clip, max_clips=max_clips)
+            for r in rel["rows"]:
+                res["rows"].append(dict(arm=a, steps=n, t=r["t"], own=r["own"], shuffled=r["shuffled"], none=r["none"], gap=r["gap"],
+                                        train_s=round(train_s, 1)))
+            write_text_atomic(res_path, json.dumps(res, indent=1))
+            if verbose: print(f"{a} @ {n} steps: gap " + ", ".join(f"t={r['t']}: {r['gap']:+.4f}" for r in rel["rows"]) + f" ({train_s:.0f} s of training)", flush=True)
+    return res
+
+# %% ../nbs/16_reliance.ipynb #3195ac00
+def learnability_table(res:dict)->str:
+    "`learnability_curve` as a markdown table: one row per arm and step count, own / shuffled / none and the gap at each noise level."
+    audio = res["condition"] == "audio"
+    ts = res["ts"]
+    head = "| arm | steps | " + " | ".join(f"t={t}: own / shuffled / none | gap" for t in ts) + " | training s |"
+    out = [f"{res['condition']} always on, '{res['split']}' clips; " + ("r of the mouth opening, higher is better" if audio else "keypoint error in px, lower is better")
+           + "; gap > 0: the own condition helps", head, "|" + "---|" * (2 * len(ts) + 3)]
+    for a in res["arms"]:
+        for n in sorted({r["steps"] for r in res["rows"] if r["arm"] == a}):
+            rs = {r["t"]: r for r in res["rows"] if r["arm"] == a and r["steps"] == n}
+            cells = " | ".join(f"{rs[t]['own']:.3f} / {rs[t]['shuffled']:.3f} / {rs[t]['none']:.3f} | {rs[t]['gap']:+.3f}" for t in ts)
+            out.append(f"| {a} | {n} | {cells} | {rs[ts[0]]['train_s']:.0f} |")
+    return "\n".join(out)
+
+def learnability_figure(res:dict, t:float|None=None)->"go.Figure":
+    "The reliance gap against training steps at noise level `t` (default: the last measured), one line per arm."
+    import plotly.graph_objects as go
+    t = res["ts"][-1] if t is None else t
+    check(t in res["ts"], "t", f"one of the measured noise levels {res['ts']}", t)
+    fig = go.Figure()
+    for a in res["arms"]:
+        rs = sorted((r["steps"], r["gap"]) for r in res["rows"] if r["arm"] == a and r["t"] == t)
+        if rs: fig.add_trace(go.Scatter(x=[s for s, _ in rs], y=[g for _, g in rs], mode="lines+markers", name=a))
+    unit = "in r" if res["condition"] == "audio" else "in px"
+    return fig.update_layout(height=380, width=640, xaxis_title="optimizer steps", yaxis_title=f"gap {unit}: own {res['condition']} vs shuffled / none",
+                             title=f"learning to use the {res['condition']}: reliance gap at t = {t} ({res['split']} clips)")
