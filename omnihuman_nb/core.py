@@ -87,9 +87,13 @@ def _umask()->int:
 def publish(tmp:str|Path,     # a finished temporary file or folder, in the same folder as `path`
             path:str|Path     # where it belongs
            )->Path:
-    "Give `tmp` the permissions a plain open() or mkdir() would (0666 or 0777 less the umask), then rename it to `path` in one step."
-    tmp, path = Path(tmp), Path(path)
-    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
+    "Give `tmp` (and everything in it) the permissions a plain open() or mkdir() would (0666 or 0777 less the umask), then rename it to `path` in one step."
+    tmp, path, m = Path(tmp), Path(path), _umask()
+    if tmp.is_dir():   # libraries write some files 0o600 (safetensors does); a published folder is readable as a whole
+        for root, dirs, files in os.walk(tmp):
+            for n in dirs: os.chmod(os.path.join(root, n), 0o777 & ~m)
+            for n in files: os.chmod(os.path.join(root, n), 0o666 & ~m)
+    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~m)
     os.replace(tmp, path)
     return path
 
