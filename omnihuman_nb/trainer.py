@@ -560,7 +560,8 @@ def train(data_dir,                          # folder of clip folders (see chapt
     if init is not None:   # a branch: the parent's weights and EMA, a fresh optimizer and step count
         model.load_state_dict(load_file(init / "model" / "diffusion_pytorch_model.safetensors"))
         ema.load_state_dict(load_file(init / "ema.safetensors"), json.loads((init / "trainer_state.json").read_text())["step"])
-    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    groups = param_groups(model, cfg) if cfg.condition_lr != 1 else model.parameters()   # one group otherwise: older checkpoints resume
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)

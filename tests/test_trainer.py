@@ -57,6 +57,19 @@ def test_resume_is_bit_exact(vae_dir, cache, tmp_path):
     b3 = run(vae_dir, tmp_path / "b", cache, resume=True)
     eq(b3["steps"], 6); eq(b3["weights_sha"], b2["weights_sha"])
 
+def test_interventions_train_and_resume_exactly(vae_dir, cache, tmp_path):
+    "Region weights, a condition learning rate and motion noise together: the run trains, the groups hold their rates, resume is bit-exact."
+    cfg = train_config("classroom", **TINY, region_weights={"mouth": 30.0, "limbs": 3.0}, condition_lr=5.0, motion_noise=0.2)
+    a = run(vae_dir, tmp_path / "a", cache, config=cfg)
+    eq(a["steps"], 6)
+    st = torch.load(Path(a["checkpoint"]) / "state.pt", weights_only=False)
+    eq(sorted(g["initial_lr"] for g in st["optimizer"]["param_groups"]), sorted([cfg.lr, cfg.lr * 5.0]))   # before the warm-up factor
+    run(vae_dir, tmp_path / "b", cache, config=cfg, max_steps=3)
+    b = run(vae_dir, tmp_path / "b", cache, config=cfg, resume=True)
+    eq(losses(tmp_path / "a"), losses(tmp_path / "b"))
+    plain = run(vae_dir, tmp_path / "plain", cache)
+    assert losses(tmp_path / "a") != losses(tmp_path / "plain")        # the interventions change the run
+
 def test_never_overwrites_and_resume_checks_config(vae_dir, cache, tmp_path):
     run(vae_dir, tmp_path / "r", cache, stages="1", max_steps=2)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r" / "checkpoints").iterdir()}
