@@ -19,7 +19,7 @@ import torch
 from .core import check, publish, write_text_atomic
 from .puppet import J, BODY
 from .flow import CONDITIONS, FlowConfig, noisy_sample, velocity_target, flow_loss, sample_timesteps
-from .trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch, train_config
+from .trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch, train_config, train, latest_checkpoint, vae_fingerprint
 from .metrics import read_probes, PROBE_SIZE
 from .pipeline import fit_box
 from .vae_train import puppet_mouth_boxes
@@ -278,19 +278,18 @@ def branch_point(dit_dir,            # a DiT folder with model/ (the shipped bun
                  out)->Path:         # where the checkpoint goes (made once, reused)
     "A trainer checkpoint made from a finished DiT folder, so `train(init_from=...)` can branch from it: float weights as both model and EMA, step 0, the VAE's id."
     from safetensors.torch import load_file, save_file
-    from omnihuman_nb.trainer import vae_fingerprint
     src, out = Path(dit_dir), Path(out)
     if (out / "trainer_state.json").is_file(): return out
     w = src / "model" / "diffusion_pytorch_model.safetensors"
     check(w.is_file(), "dit_dir", "a DiT folder holding model/diffusion_pytorch_model.safetensors", str(src))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))   # beside `out`, so publishing is one rename
     shutil.copytree(src / "model", tmp / "model", dirs_exist_ok=True)
     sd = {k: v.float().contiguous() for k, v in load_file(w).items()}
     save_file(sd, tmp / "model" / "diffusion_pytorch_model.safetensors"); save_file(sd, tmp / "ema.safetensors")
     st = json.loads((src / "trainer_state.json").read_text()) if (src / "trainer_state.json").is_file() else {}
     st.update(step=0, vae_id=vae_fingerprint(vae_dir))
     (tmp / "trainer_state.json").write_text(json.dumps(st, indent=1))
-    out.parent.mkdir(parents=True, exist_ok=True)
     publish(tmp, out)
     return out
 
@@ -320,7 +319,6 @@ def learnability_curve(data_dir,                # clip folders with the conditio
                        max_clips:int|None=8, windows_per_clip:int=3,
                        verbose:bool=True)->dict:
     "Train each arm with `condition` always on, side by side (same data, seed and steps), and measure its reliance on the condition after each step count."
-    from omnihuman_nb.trainer import train, latest_checkpoint
     from omnihuman_nb.pipeline import assemble_pipeline
     from omnihuman_nb.experiments import audio_reliance
     check(len(arms) >= 1 and all(isinstance(v, dict) for v in arms.values()), "arms", "a dict of arm name -> dict of TrainConfig overrides", arms)
