@@ -29,11 +29,14 @@ class DemoRecipe(Config):
     clips: int = 64                          # puppet clips rendered (the last 2 of 8 identities held out)
     seconds: float = 2.0                     # clip length
     seed: int = 0
+    audio_share: float = 1.0                 # share of clips rendered with speech, and ...
+    pose_share: float = 1.0                  # ... with keypoints: all, so the stages' ratios alone decide what is on (chapter 16)
     vae_minutes: float = 12.0                # VAE training budget ...
     vae_steps: int | None = None             # ... or a step budget instead
     dit_minutes_per_stage: float = 4.0       # DiT training budget per stage, used when dit_steps_per_stage is None
     dit_steps_per_stage: int | None = 3000   # DiT steps per stage (deterministic, whatever the machine's load)
-    stages: str = "1,2,3"                    # the trainer's stages
+    config: str = "demo"                     # the DiT's TrainConfig: a name in TRAIN_CONFIGS or a JSON file
+    stages: str = "1,2,3,4"                  # the config's stages to run
 
 _RUN_PARTS = ("data", "vae", "dit", "pipeline")
 
@@ -56,12 +59,13 @@ def train_classroom(out_dir="outputs/classroom",      # the run folder (data/, v
     def lap(name):
         nonlocal t
         minutes[name] = round((time.perf_counter() - t) / 60, 2); t = time.perf_counter()
-    render_dataset(out / "data", clips=r.clips, seconds=r.seconds, seed=r.seed, verbose=verbose); lap("data")
+    render_dataset(out / "data", clips=r.clips, seconds=r.seconds, seed=r.seed, audio_share=r.audio_share, pose_share=r.pose_share,
+                   verbose=verbose); lap("data")
     vae = train_vae(out / "data", out / "vae", steps=r.vae_steps, minutes=None if r.vae_steps else r.vae_minutes,
                     resume=False, progress=verbose, seed=r.seed); lap("vae")
     dit = train(out / "data", out / "vae", out / "dit", stages=r.stages, steps_per_stage=r.dit_steps_per_stage,
                 minutes_per_stage=None if r.dit_steps_per_stage else r.dit_minutes_per_stage,
-                config=train_config("classroom", seed=r.seed), verbose=verbose); lap("dit")
+                config=train_config(r.config, seed=r.seed), verbose=verbose); lap("dit")
     assemble_pipeline(out / "dit", out / "vae", out / "pipeline"); lap("pipeline")
     summary = dict(run=str(out), minutes=minutes, total_minutes=round(sum(minutes.values()), 2), recipe=r.to_dict(),
                    vae={k: v for k, v in vae.items() if k.startswith("heldout") or k in ("steps", "minutes")},

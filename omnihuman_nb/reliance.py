@@ -7,7 +7,7 @@ __all__ = ['VARIANTS', 'LIMB_BONES', 'ARM_RADIUS', 'REGIONS', 'condition_windows
            'probe_keypoints', 'probe_pixels', 'keypoint_error', 'variant_inputs', 'pose_reliance',
            'pose_reliance_table', 'head_radius', 'mouth_masks', 'limb_masks', 'to_latent_grid', 'region_masks',
            'timestep_weights', 'loss_by_region', 'region_table', 'region_figure', 'branch_point', 'always_on_config',
-           'learnability_curve', 'learnability_table', 'learnability_figure']
+           'learnability_curve', 'learnability_table', 'learnability_figure', 'vae_ceiling']
 
 # %% ../nbs/16_reliance.ipynb #eb793bd3
 import dataclasses, json, shutil, tempfile, time
@@ -385,3 +385,37 @@ def learnability_figure(res:dict, t:float|None=None)->"go.Figure":
     unit = "in r" if res["condition"] == "audio" else "in px"
     return fig.update_layout(height=380, width=640, xaxis_title="optimizer steps", yaxis_title=f"gap {unit}: own {res['condition']} vs shuffled / none",
                              title=f"learning to use the {res['condition']}: reliance gap at t = {t} ({res['split']} clips)")
+
+# %% ../nbs/16_reliance.ipynb #54ad686e
+@torch.no_grad()
+def vae_ceiling(pipe,                          # a pipeline: its VAE round-trips the clips
+                data_dir,                      # clip folders (chapter 02)
+                split:str="heldout",
+                max_clips:int|None=None,
+                probe=None)->dict:             # probe weights (None: the shipped ones)
+    "Lip sync (clips with audio) and PCK (clips with pose) of real clips after the VAE's round trip, beside the real frames and a still reference."
+    from omnihuman_nb.data import usable_clips, read_clip, FPS
+    from omnihuman_nb.metrics import score_video, load_probes, _load_audio, _load_pose
+    from omnihuman_nb.trainer import encode_clip
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clips, _ = usable_clips(data_dir, 5, split=split)
+    check(len(clips) > 0, "clips", f"at least one '{split}' clip of 5+ frames under {data_dir}", "none")
+    probe, vae, rows = load_probes(probe), pipe.vae.eval(), []
+    for p in clips[:max_clips or None]:
+        c = read_clip(p)
+        H, W = c.video.shape[1:3]
+        T = 1 + 4 * ((len(c.video) - 1) // 4)                                 # what the VAE encodes
+        real = c.video[:T]
+        wav = _load_audio(c.audio, T, FPS) if c.audio is not None else None
+        pose = _load_pose((c.keypoints[:T], c.visibility[:T], (H, W)), T, (H, W)) if c.keypoints is not None else None
+        z = encode_clip(vae, real)["latents"].to(next(vae.parameters()).device)   # (C, T', h, w), normalised
+        through = decode_frames(vae, z[None])[0][:T]                           # (T, H, W, 3)
+        row = dict(clip=p.name)
+        for name, frames in (("real", real), ("vae", through), ("still", np.repeat(real[:1], T, 0))):
+            r = score_video(frames, wav, pose, None, None, probe=probe)
+            row.update({f"{name}_{k}": r.get(k) for k in ("sync_r", "pck")})
+        rows.append(row)
+    mean = lambda k: (lambda v: round(float(np.mean(v)), 4) if v else None)([r[k] for r in rows if r[k] is not None])
+    return dict(clips=len(rows), **{k: mean(k) for k in rows[0] if k != "clip"}, rows=rows)
