@@ -386,7 +386,7 @@ def learnability_figure(res:dict, t:float|None=None)->"go.Figure":
     return fig.update_layout(height=380, width=640, xaxis_title="optimizer steps", yaxis_title=f"gap {unit}: own {res['condition']} vs shuffled / none",
                              title=f"learning to use the {res['condition']}: reliance gap at t = {t} ({res['split']} clips)")
 
-# %% ../nbs/16_reliance.ipynb #54ad686e
+# %% ../nbs/16_reliance.ipynb #33dc591b
 @torch.no_grad()
 def vae_ceiling(pipe,                          # a pipeline: its VAE round-trips the clips
                 data_dir,                      # clip folders (chapter 02)

@@ -52,7 +52,7 @@ def paper_stages()->list[StageConfig]:
             StageConfig("2: +audio", dict(text=0.9, ref=0.7, audio=0.5)),
             StageConfig("3: +pose", dict(text=0.9, ref=0.7, audio=0.5, pose=0.25))]
 
-# %% ../nbs/09_trainer.ipynb #a384371e
+# %% ../nbs/09_trainer.ipynb #c83fe1f8
 def driving_stage()->StageConfig:
     "The classroom's fourth stage: text, reference and audio on for every sample that has them (chapter 16 measures why)."
     return StageConfig("4: audio on", dict(text=1.0, ref=1.0, audio=1.0))
