@@ -131,7 +131,7 @@ COMMANDS = [
         Arg("--stages", help="which stages to run, in order"),
         Arg("--steps-per-stage", help="steps in each stage", kw=dict(type=int)),
         Arg("--minutes-per-stage", help="minutes in each stage", kw=dict(type=float)),
-        Arg("--config", help="named training config (classroom) or a TrainConfig JSON file"),
+        Arg("--config", help="named training config (classroom: the paper's 3 stages; demo: + a 4th stage with audio always on, as the shipped weights) or a TrainConfig JSON file"),
         Arg("--resume", help="continue from the last checkpoint in OUT"),
         Arg("--cache", help="cache VAE latents on disk (--no-cache encodes every step)"),
         Arg("--device", help="auto, cpu or cuda")]),
