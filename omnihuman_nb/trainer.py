@@ -112,10 +112,10 @@ class TrainConfig(Config):
     def window_latents(self)->int: return 1 + (self.n_frames - 1) // 4
 
 # %% ../nbs/09_trainer.ipynb #48c449e6
-TRAIN_CONFIGS = {"classroom": dict(dit_overrides=dict(prediction="data", precondition="linear", guess_std=0.25)),   # chapter 06 says why
-                 "demo": dict(dit_overrides=dict(prediction="data", precondition="linear", guess_std=0.25),        # the recipe of the shipped weights:
-                              stages=[*paper_stages(), driving_stage()],                                          # the paper's stages, then audio always on
-                              region_weights=dict(mouth=30.0, limbs=3.0))}                                         # and the mouth and limbs weigh more (chapter 16)
+TRAIN_CONFIGS = {"classroom": dict(dit_overrides=dict(prediction="data", precondition="linear", guess_std=0.25))}   # chapter 06 says why
+TRAIN_CONFIGS["demo"] = dict(TRAIN_CONFIGS["classroom"],                  # the recipe of the shipped weights: classroom, plus
+                             stages=[*paper_stages(), driving_stage()],   # the paper's stages, then audio always on,
+                             region_weights=dict(mouth=30.0, limbs=3.0))  # and the mouth and limbs weigh more (chapter 16)
 # named configs; a JSON file path works too
 _SCHEDULE_KEYS = ("steps_per_stage", "checkpoint_every", "keep_checkpoints")   # may change on resume
 
