@@ -260,6 +260,7 @@ def render_dataset(out:str|Path,               # folder to write (created)
                    n_identities:int=8,         # size of the identity pool
                    n_held_out:int=2,           # the pool's last identities are held out
                    identity_seed:int=0,        # fixes the pool (keep it to share identities across datasets)
+                   extra_identities:int=0,     # more training identities after the pool's n_identities (never held out)
                    framings=None,              # framings to use (default: all of FRAMINGS), balanced across clips
                    gestures=None,              # gestures to use (default: all of GESTURES), balanced across clips
                    verbose:bool=True)->dict:
@@ -267,15 +268,16 @@ def render_dataset(out:str|Path,               # folder to write (created)
     check(clips >= 1, "clips", ">= 1", clips)
     check(0 <= audio_share <= 1 and 0 <= pose_share <= 1, "audio_share / pose_share", "shares between 0 and 1", (audio_share, pose_share))
     check(0 <= n_held_out < n_identities, "n_held_out", f"between 0 and n_identities - 1 = {n_identities - 1}", n_held_out)
+    check(isinstance(extra_identities, int) and extra_identities >= 0, "extra_identities", "an int >= 0", extra_identities)
     check(seconds * FPS >= 1, "seconds", f">= {1 / FPS}", seconds)
     H, W = parse_size(size)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    pool = identity_pool(n_identities, identity_seed)
-    held = [p.id for p in pool[n_identities - n_held_out:]]
+    pool = identity_pool(n_identities + extra_identities, identity_seed)   # the first n_identities are the same with or without extras
+    held = [p.id for p in pool[n_identities - n_held_out:n_identities]]
     rng = np.random.default_rng([seed, 55])
     has_audio = np.zeros(clips, bool); has_audio[rng.permutation(clips)[:round(audio_share * clips)]] = True
     has_pose = np.zeros(clips, bool); has_pose[rng.permutation(clips)[:round(pose_share * clips)]] = True
-    who = rng.integers(n_identities, size=clips)
+    who = rng.integers(len(pool), size=clips)
     framings, gestures = list(framings or FRAMINGS), list(gestures or GESTURES)
     for f in framings: check(f in FRAMINGS, "framing", f"one of {list(FRAMINGS)}", repr(f))
     for g in gestures: check(g in GESTURES, "gesture", f"one of {list(GESTURES)}", repr(g))

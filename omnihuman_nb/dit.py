@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['TOKEN_GROUPS', 'TYPE_IDS', 'OPS', 'DEFAULT_BACKENDS', 'CONDITIONS', 'MINILM_PACKAGE', 'DATA_PREDICTION_MIN_T',
-           'AUDIO_FEATURES', 'POSE_KEYPOINTS', 'DIT_CONFIGS', 'TOKEN_PIXELS', 'patchify', 'unpatchify', 'TokenLayout',
-           'stream_positions', 'rope_split_for', 'timestep_embedding', 'TimestepEmbedder', 'audio_windows',
-           'latent_frame_groups', 'AudioProjector', 'PoseGuider', 'resolve_backends', 'StreamWeights',
+           'GATE_INIT', 'AUDIO_FEATURES', 'POSE_KEYPOINTS', 'DIT_CONFIGS', 'TOKEN_PIXELS', 'patchify', 'unpatchify',
+           'TokenLayout', 'stream_positions', 'rope_split_for', 'timestep_embedding', 'TimestepEmbedder',
+           'audio_windows', 'latent_frame_groups', 'AudioProjector', 'PoseGuider', 'resolve_backends', 'StreamWeights',
            'AudioCrossAttention', 'BlockInputs', 'MMDiTBlock', 'valid_key_order', 'default_text_encoder', 'DiTOutput',
            'OmniHumanDiT', 'fit_to_vae', 'dit_config', 'build_dit', 'parameter_counts', 'hunyuan_matched', 'bench_dit']
 
@@ -325,6 +325,7 @@ class DiTOutput(BaseOutput):
 
 # %% ../nbs/06_dit.ipynb #c2723bdb
 DATA_PREDICTION_MIN_T = 0.05   # with prediction="data", 1/t is capped at 20 so the velocity stays finite near t = 0
+GATE_INIT = 4.0                # skip_gate's starting logit: sigmoid(4) = 0.98, so an untrained gated DiT is the plain linear guess
 
 class OmniHumanDiT(ModelMixin, ConfigMixin):
     "MMDiT over `text | ref | motion | noisy` tokens, audio cross-attention, pose on channels; predicts the velocity."
@@ -354,6 +355,7 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
                  data_std:float=1.0,             # precondition: spread of clean latents (the guess without a reference)
                  ref_std:float=0.5,              # precondition: spread of clean latents around the reference latent (sets c_out)
                  guess_std:float|None=None,      # precondition: the spread the linear guess assumes with a reference (None: ref_std); smaller trusts x_t only near t = 0
+                 skip_gate:bool=False,           # precondition "linear": the network gates the guess's x_t term per latent (0: trust the reference there)
                  eps:float=1e-6,                 # norm epsilon
                  backends:dict|None=None):       # op -> backend, see `resolve_backends`
         super().__init__()
@@ -364,6 +366,8 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
               f"precondition={precondition!r} with prediction={prediction!r}")
         check(data_std > 0 and ref_std > 0 and (guess_std is None or guess_std > 0), "data_std, ref_std and guess_std", "positive (guess_std may be None)",
               (data_std, ref_std, guess_std))
+        check(not skip_gate or precondition == "linear", "skip_gate", "False unless precondition='linear' (it gates the linear guess)",
+              f"skip_gate=True with precondition={precondition!r}")
         head_dim = hidden_size // num_heads
         self.patch = _triple(patch_size)
         self.rope_split = tuple(rope_split) if rope_split is not None else rope_split_for(head_dim)
@@ -386,6 +390,7 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
                                      for i in range(num_layers)])
         self.final_mod = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj_out = nn.Linear(hidden_size, p * in_channels)
+        self.gate_out = nn.Linear(hidden_size, p * in_channels) if skip_gate else None   # logits of the x_t gate, one per latent value
         self.gradient_checkpointing = False
         self._init_weights()
 
@@ -397,6 +402,8 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
         zero = [self.final_mod, self.proj_out] + [b.txt.mod for b in self.blocks] + [b.vid.mod for b in self.blocks]
         zero += [b.audio.out for b in self.blocks if b.audio is not None] + ([self.pose_embed] if self.pose_embed is not None else [])
         for m in zero: nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+        if self.gate_out is not None:   # the gate starts open everywhere (sigmoid(4) = 0.98): the plain linear guess
+            nn.init.zeros_(self.gate_out.weight); nn.init.constant_(self.gate_out.bias, GATE_INIT)
 
     def set_backends(self, **ops):
         "Switch op backends, e.g. `set_backends(attention='triton', norm='triton')`; the config records them."
@@ -528,7 +535,9 @@ def _forward(self,
     shift, scale = self.final_mod(c).chunk(2, -1)
     xn = K.modulated_layer_norm(xv[:, lay.n_ref + lay.n_motion:], shift, scale, self.config.eps, self.backends["modulate"])
     sample = unpatchify(self.proj_out(xn), lay.grid, self.patch, self.config.in_channels)
-    if self.config.precondition != "none": sample = self._precondition(sample, latents, t, ref, on["ref"])
+    if self.config.precondition != "none":
+        gate = None if self.gate_out is None else torch.sigmoid(unpatchify(self.gate_out(xn), lay.grid, self.patch, self.config.in_channels))
+        sample = self._precondition(sample, latents, t, ref, on["ref"], gate)
     if self.config.prediction == "data":   # the layer predicted clean latents x0; x_t = (1 - t) x0 + t e gives v = e - x0 = (x_t - x0) / t
         sample = (latents - sample) / t.clamp_min(DATA_PREDICTION_MIN_T).view(B, 1, 1, 1, 1).to(sample.dtype)
     out = DiTOutput(sample=sample, loss_mask=lay.loss_mask(B, device), layout=lay)
@@ -537,7 +546,8 @@ def _forward(self,
 OmniHumanDiT.forward = _forward
 
 # %% ../nbs/06_dit.ipynb #5a6016e8
-def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, ref:torch.Tensor|None, ref_on)->torch.Tensor:
+def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, ref:torch.Tensor|None, ref_on,
+                  gate:torch.Tensor|None=None)->torch.Tensor:   # (B, C, T', H, W) in [0, 1]: the share of the guess's x_t term kept (skip_gate)
     "Clean latents = the best linear guess from x_t and the reference (where on) + c_out * the last layer's output `f`."
     cfg, B = self.config, f.shape[0]
     s2 = torch.full((B,), cfg.data_std ** 2, device=f.device)
@@ -551,7 +561,8 @@ def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, re
     s2, g2 = s2.view(B, 1, 1, 1, 1), g2.view(B, 1, 1, 1, 1)
     den, gden = a * a * s2 + tt * tt, a * a * g2 + tt * tt
     if cfg.precondition == "ref": return (mu * (tt * tt / gden) + f).to(f.dtype)     # the guess's weight on the reference, nothing from x_t
-    return (mu + (a * g2 / gden) * (latents - a * mu) + (s2.sqrt() * tt / den.sqrt()) * f).to(f.dtype)
+    k = a * g2 / gden if gate is None else gate * (a * g2 / gden)                    # how much of x_t the guess takes
+    return (mu + k * (latents - a * mu) + (s2.sqrt() * tt / den.sqrt()) * f).to(f.dtype)
 
 OmniHumanDiT._precondition = _precondition
 

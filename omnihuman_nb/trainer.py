@@ -114,6 +114,7 @@ class TrainConfig(Config):
 # %% ../nbs/09_trainer.ipynb #48c449e6
 TRAIN_CONFIGS = {"classroom": dict(dit_overrides=dict(prediction="data", precondition="linear", guess_std=0.25))}   # chapter 06 says why
 TRAIN_CONFIGS["demo"] = dict(TRAIN_CONFIGS["classroom"],                  # the recipe of the shipped weights: classroom, plus
+                             dit_overrides=dict(TRAIN_CONFIGS["classroom"]["dit_overrides"], skip_gate=True),   # the x_t gate (chapter 06),
                              stages=[*paper_stages(), driving_stage()],   # the paper's stages, then audio always on,
                              region_weights=dict(mouth=30.0, limbs=3.0))  # and the mouth and limbs weigh more (chapter 16)
 # named configs; a JSON file path works too
