@@ -7,7 +7,8 @@ __all__ = ['VARIANTS', 'LIMB_BONES', 'ARM_RADIUS', 'REGIONS', 'condition_windows
            'probe_keypoints', 'probe_pixels', 'keypoint_error', 'variant_inputs', 'pose_reliance',
            'pose_reliance_table', 'head_radius', 'mouth_masks', 'limb_masks', 'to_latent_grid', 'region_masks',
            'timestep_weights', 'loss_by_region', 'region_table', 'region_figure', 'branch_point', 'always_on_config',
-           'learnability_curve', 'learnability_table', 'learnability_figure', 'vae_ceiling']
+           'learnability_curve', 'learnability_table', 'learnability_figure', 'vae_ceiling', 'guess_gain',
+           'guess_table']
 
 # %% ../nbs/16_reliance.ipynb #eb793bd3
 import dataclasses, json, shutil, tempfile, time
@@ -419,3 +420,42 @@ def vae_ceiling(pipe,                          # a pipeline: its VAE round-trips
         rows.append(row)
     mean = lambda k: (lambda v: round(float(np.mean(v)), 4) if v else None)([r[k] for r in rows if r[k] is not None])
     return dict(clips=len(rows), **{k: mean(k) for k in rows[0] if k != "clip"}, rows=rows)
+
+# %% ../nbs/16_reliance.ipynb #dc4a93c4
+@torch.no_grad()
+def guess_gain(pipe,                          # a pipeline whose DiT predicts clean latents with precondition="linear"
+               data_dir,                      # clip folders (chapter 02)
+               split:str="heldout",           # "heldout", "train" or "all"
+               ts=(0.1, 0.3, 0.5, 0.7, 0.9),  # noise levels (>= 0.05, where x0 = x_t - t v is exact)
+               windows_per_clip:int=3, max_clips:int|None=8, n_frames:int=9, seed:int=0)->dict:
+    "Clean-latent error of the DiT's one-step prediction and of its linear guess alone, and the share of the noise each keeps, per noise level."
+    dit = pipe.transformer.eval()
+    check(dit.config.prediction == "data" and dit.config.precondition == "linear", "pipeline's DiT", "prediction='data' with precondition='linear'",
+          f"prediction={dit.config.prediction!r}, precondition={dit.config.precondition!r}")
+    check(len(ts) >= 1 and all(0.05 <= t < 1 for t in ts), "ts", "noise levels in [0.05, 1)", tuple(ts))
+    w = condition_windows(pipe, data_dir, "ref", dict(text=1.0, ref=1.0, audio=1.0, pose=1.0), split, windows_per_clip, max_clips, n_frames, seed)
+    b, x0 = w["batch"], w["batch"]["x0"]
+    B = len(x0)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    kw = {k: b[k] for k in ("text", "text_lens", "ref", "motion", "audio", "pose", "condition_mask")}
+    rows = []
+    for t in ts:
+        tt = torch.full((B,), float(t))
+        xt = noisy_sample(x0, noise, tt)
+        preds = dict(model=xt - t * dit(xt, tt, **kw).sample,                                  # the DiT's clean latents
+                     guess=dit._precondition(torch.zeros_like(x0), xt, tt, b["ref"], True))    # f = 0, no gate
+        row = dict(t=float(t))
+        for name, x in preds.items():
+            e = x - x0
+            row[f"{name}_err"] = float(e.pow(2).mean().sqrt())
+            row[f"{name}_noise"] = float((e * noise).sum() / (noise * noise).sum())             # share of the noise kept
+        rows.append(row)
+    still = float((b["ref"][:, :, -1:] - x0).pow(2).mean().sqrt())                            # the reference copied
+    return dict(rows=rows, windows=B, clips=w["clips"], split=split, still=still)
+
+def guess_table(res:dict)->str:
+    "`guess_gain` as a markdown table."
+    out = [f"{res['clips']} '{res['split']}' clips, {res['windows']} windows; clean-latent error rms (the reference copied: {res['still']:.3f})",
+           "| t | DiT error | guess alone | noise kept: DiT | guess alone |", "|---|---|---|---|---|"]
+    out += [f"| {r['t']:.1f} | {r['model_err']:.3f} | {r['guess_err']:.3f} | {r['model_noise']:+.3f} | {r['guess_noise']:+.3f} |" for r in res["rows"]]
+    return "\n".join(out)
