@@ -107,7 +107,8 @@ COMMANDS = [
         Arg("--pose-share", help="share of clips that keep their pose"),
         Arg("--identities", "n_identities", help="size of the identity pool"),
         Arg("--held-out", "n_held_out", help="identities (the pool's last) held out for evaluation"),
-        Arg("--identity-seed", help="seed of the identity pool (keep it to share identities across datasets)")]),
+        Arg("--identity-seed", help="seed of the identity pool (keep it to share identities across datasets)"),
+        Arg("--extra-identities", help="more training identities after the pool's (never held out)")]),
     Command("data", "check", "Check a folder of clips and report every bad one", "omnihuman_nb.data:check_dataset", [
         Arg("root", help="a clip folder or a folder of clip folders"),
         Arg("--decode", help="decode every frame (--no-decode trusts the container headers)")],

@@ -421,7 +421,7 @@ def vae_ceiling(pipe,                          # a pipeline: its VAE round-trips
     mean = lambda k: (lambda v: round(float(np.mean(v)), 4) if v else None)([r[k] for r in rows if r[k] is not None])
     return dict(clips=len(rows), **{k: mean(k) for k in rows[0] if k != "clip"}, rows=rows)
 
-# %% ../nbs/16_reliance.ipynb #dc4a93c4
+# %% ../nbs/16_reliance.ipynb #b062dcef
 @torch.no_grad()
 def guess_gain(pipe,                          # a pipeline whose DiT predicts clean latents with precondition="linear"
                data_dir,                      # clip folders (chapter 02)
