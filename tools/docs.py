@@ -175,28 +175,33 @@ def resolve_nb(name):
     return hits[0]
 
 # ---- the site ---------------------------------------------------------------------------------------------------
-def build_site(out):
-    "Static HTML from the notebooks' saved outputs (nbconvert) and the API of each module (pdoc). Runs nothing."
+def _chapter_page(nb_path, out):
+    "One chapter's page, with a footer that links every chapter and the API."
     import nbformat
     from nbconvert import HTMLExporter
-    try: import pdoc  # noqa: F401
-    except ImportError: sys.exit('site needs pdoc: pip install -e ".[dev]" (or pip install pdoc)')
+    nb = _link_fix(nbformat.read(nb_path, as_version=4))
+    body, _ = HTMLExporter(template_name="classic").from_notebook_node(nb, resources={"metadata": {"name": nb_path.stem}})
+    page = Path(out) / f"{nb_path.stem}.html"
+    page.write_text(body.replace("</body>", _nav(nb_path.stem) + "</body>", 1), encoding="utf-8")
+    return page.name
+
+def build_site(out, workers=2):
+    "Static HTML from the notebooks' saved outputs (nbconvert) and the API of each module (pdoc). Runs no notebook."
+    from concurrent.futures import ProcessPoolExecutor
+    try: import pdoc, nbconvert  # noqa: F401
+    except ImportError as e: sys.exit(f'site needs nbconvert and pdoc: pip install -e ".[dev]" ({e})')
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    exporter = HTMLExporter(template_name="classic")
-    pages = []
-    for nb_path in chapters():
-        nb = nbformat.read(nb_path, as_version=4)
-        nb = _link_fix(nb)
-        body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": nb_path.stem}})
-        page = ("index" if nb_path.stem == "index" else nb_path.stem) + ".html"
-        (out / page).write_text(body.replace("</body>", _nav(nb_path.stem) + "</body>", 1), encoding="utf-8")
-        pages.append(page)
-    if (NBS / "images").exists(): shutil.copytree(NBS / "images", out / "images", dirs_exist_ok=True)
     api = out / "api"
-    r = subprocess.run([sys.executable, "-m", "pdoc", "--no-search", "-o", str(api), "omnihuman_nb", "!omnihuman_nb._modidx"], cwd=ROOT,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
-    if r.returncode != 0: sys.exit(f"pdoc failed:\n{r.stderr[-3000:]}")
-    print(f"site: {len(pages)} chapter pages and the API ({len(list(api.rglob('*.html')))} pages) in {out}")
+    # pdoc imports every module (torch and all), so it runs beside the chapter pages, not after them
+    pd = subprocess.Popen([sys.executable, "-m", "pdoc", "--no-search", "-o", str(api), "omnihuman_nb", "!omnihuman_nb._modidx"],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with ProcessPoolExecutor(workers) as ex:
+        pages = list(ex.map(_chapter_page, chapters(), [out] * len(chapters())))
+    for d in ("images", "results"):   # pictures the chapters link to
+        if (NBS / d).exists(): shutil.copytree(NBS / d, out / d, dirs_exist_ok=True)
+    _, err = pd.communicate()
+    if pd.returncode != 0: sys.exit(f"pdoc failed:\n{err[-3000:]}")
+    print(f"site: {len(pages)} chapter pages and the API ({len(list(api.rglob('*.html')))} pages) in {out}; open {out / 'index.html'}")
     return out
 
 def _link_fix(nb):
@@ -230,12 +235,37 @@ def readme_text():
             parts.append("```python\n" + src + "\n```")
     return README_HEAD + "\n\n".join(parts) + "\n"
 
+def minutes(secs):
+    "How a chapter's run time reads in the table: minutes, one decimal, at least 0.1."
+    return f"{max(0.1, round(secs / 60, 1)):.1f}"
+
+def fill_minutes(src, secs):
+    "The chapters table of the index with its last column set from the measured seconds."
+    lines = src.split("\n")
+    for i, line in enumerate(lines):
+        m = re.match(r"\| \[`(\w+)`\]", line)
+        if m and m.group(1) in secs and line.endswith("|"):
+            cells = line.split(" | ")
+            lines[i] = " | ".join(cells[:-1]) + f" | {minutes(secs[m.group(1)])} |"
+    return "\n".join(lines)
+
 def readme(check):
-    text, path = readme_text(), ROOT / "README.md"
+    path, index = ROOT / "README.md", NBS / "index.ipynb"
+    secs = json.loads(MINUTES.read_text())["minutes"]
+    nb = json.loads(index.read_text())
+    filled = [fill_minutes(_text(c["source"]), secs) if c["cell_type"] == "markdown" else None for c in nb["cells"]]
+    stale = any(f is not None and f != _text(c["source"]) for f, c in zip(filled, nb["cells"]))
     if check:
-        if path.read_text() != text: sys.exit("README.md differs from nbs/index.ipynb: run python tools/docs.py readme")
+        if stale: sys.exit("the chapters table in nbs/index.ipynb is not up to date with nbs/results/chapter_seconds.json: "
+                           "run python tools/docs.py readme")
+        if path.read_text() != readme_text(): sys.exit("README.md differs from nbs/index.ipynb: run python tools/docs.py readme")
         print("README.md agrees with nbs/index.ipynb"); return
-    path.write_text(text); print(f"wrote {path}")
+    if stale:
+        for f, c in zip(filled, nb["cells"]):
+            if f is not None: c["source"] = f.splitlines(True)
+        index.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+        subprocess.run(["nbdev_clean", "--fname", str(index)], check=True, cwd=ROOT)
+    path.write_text(readme_text()); print(f"wrote {path}")
 
 # ---- the demo's frames ------------------------------------------------------------------------------------------
 def strip(demo, out, frames=6, size=96):
