@@ -271,7 +271,7 @@ def readme(check):
 def strip(demo, out, frames=6, size=96):
     "A strip of `frames` frames from each mp4 of an `omnihuman demo` folder: one row per video."
     import av, numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
     vids = sorted(Path(demo).rglob("*.mp4"))
     if not vids: sys.exit(f"no mp4 in {demo}: run `omnihuman demo --out {demo}` first")
     rows = []
@@ -281,7 +281,7 @@ def strip(demo, out, frames=6, size=96):
         idx = np.linspace(0, len(imgs) - 1, frames).round().astype(int)
         tiles = [Image.fromarray(imgs[i]).resize((size, size), Image.NEAREST) for i in idx]
         row = Image.new("RGB", (frames * (size + 2) + 90, size + 4), "white")
-        ImageDraw.Draw(row).text((4, size // 2 - 6), v.stem.replace("_", "-"), fill="black")
+        ImageDraw.Draw(row).text((4, size // 2 - 8), v.stem.replace("_", "-"), fill="black", font=ImageFont.load_default(size=15))
         for j, t in enumerate(tiles): row.paste(t, (90 + j * (size + 2), 2))
         rows.append(row)
     img = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
