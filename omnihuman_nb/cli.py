@@ -180,12 +180,12 @@ COMMANDS = [
         Arg("--device", help="auto, cpu or cuda (--model)"),
         Arg("--probes", help="probe weights (default: the shipped ones)", kw=dict(type=str))]),
     Command("bench", "train", "Training samples/s and seconds per step at the classroom config, with and without latent caching",
-            "omnihuman_nb.trainer:bench_train", [
+            "omnihuman_nb.bench:bench_train", [
         JSON_OUT,
         Arg("--steps", help="timed steps"),
         THREADS]),
     Command("bench", "sample", "Seconds of compute per second of video, and the speed-up of batched CFG",
-            "omnihuman_nb.pipeline:bench_sample", [
+            "omnihuman_nb.bench:bench_sample", [
         JSON_OUT,
         Arg("--steps", help="sampling steps"),
         REPEATS,
@@ -202,12 +202,12 @@ COMMANDS = [
         Arg("--graphs", help="on a GPU, time forward passes replayed from a CUDA graph: the kernels' own time, without the CPU's "
                              "launch cost (backward passes are timed eagerly either way)")]),
     Command("bench", "vae", "Our VAE against diffusers' AutoencoderKLCogVideoX, plus streaming checks",
-            "omnihuman_nb.vae_train:bench_vae", [
+            "omnihuman_nb.bench:bench_vae", [
         JSON_OUT,
         REPEATS,
         THREADS]),
     Command("bench", "dit", "One training step of our DiT against diffusers' HunyuanVideo transformer at matched size",
-            "omnihuman_nb.dit:bench_dit", [
+            "omnihuman_nb.bench:bench_dit", [
         JSON_OUT,
         Arg("--config", help="named DiT config"),
         Arg("--steps", help="timed steps per model (medians are reported)"),

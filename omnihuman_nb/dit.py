@@ -8,7 +8,7 @@ __all__ = ['TOKEN_GROUPS', 'TYPE_IDS', 'OPS', 'DEFAULT_BACKENDS', 'CONDITIONS', 
            'TokenLayout', 'stream_positions', 'rope_split_for', 'timestep_embedding', 'TimestepEmbedder',
            'audio_windows', 'latent_frame_groups', 'AudioProjector', 'PoseGuider', 'resolve_backends', 'StreamWeights',
            'AudioCrossAttention', 'BlockInputs', 'MMDiTBlock', 'valid_key_order', 'default_text_encoder', 'DiTOutput',
-           'OmniHumanDiT', 'fit_to_vae', 'dit_config', 'build_dit', 'parameter_counts', 'hunyuan_matched', 'bench_dit']
+           'OmniHumanDiT', 'fit_to_vae', 'dit_config', 'build_dit', 'parameter_counts']
 
 # %% ../nbs/06_dit.ipynb #7090328a
 import dataclasses, contextlib, json, math, time
@@ -17,6 +17,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from . import kernels as K     # first: it must switch Triton's interpreter on before anything imports triton
 from .core import BadInputError, check, check_shape, check_finite, write_text_atomic
 from diffusers import ModelMixin, ConfigMixin
+from fastcore.basics import patch   # methods defined cell by cell, each in its lesson
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
@@ -412,7 +413,8 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
         return self
 
 # %% ../nbs/06_dit.ipynb #cb453564
-def _switches(self, B:int, device, given:dict, condition_mask:dict|None)->dict:
+@patch
+def _switches(self:OmniHumanDiT, B:int, device, given:dict, condition_mask:dict|None)->dict:
     "condition -> None (absent), True (on for all samples) or a (B,) bool tensor of the samples where it counts."
     masks = dict(condition_mask or {})
     unknown = sorted(set(masks) - set(CONDITIONS))
@@ -438,10 +440,9 @@ def _switches(self, B:int, device, given:dict, condition_mask:dict|None)->dict:
         else: out[name] = m
     return out
 
-OmniHumanDiT._switches = _switches
-
 # %% ../nbs/06_dit.ipynb #fa7c783c
-def _video_tokens(self, latents, ref, motion, pose, on):
+@patch
+def _video_tokens(self:OmniHumanDiT, latents, ref, motion, pose, on):
     "The video stream `ref | motion | noisy` (B, Nv, hidden) and its layout (without text)."
     cfg, (pt, ph, pw) = self.config, self.patch
     dims = check_shape(latents, ("B", "C", "T", "H", "W"), "latents")
@@ -466,10 +467,9 @@ def _video_tokens(self, latents, ref, motion, pose, on):
         n[name] = parts[-1].shape[1]
     return torch.cat(parts + [x], 1), TokenLayout(0, n["ref"], n["motion"], (T // pt, H // ph, W // pw))
 
-OmniHumanDiT._video_tokens = _video_tokens
-
 # %% ../nbs/06_dit.ipynb #1c0b43ba
-def _text_tokens(self, text, text_lens, on, B, device, dtype):
+@patch
+def _text_tokens(self:OmniHumanDiT, text, text_lens, on, B, device, dtype):
     "(text stream (B, L, hidden), valid (B, L) bool, pooled text (B, text_dim))."
     cfg = self.config
     if on["text"] is None:
@@ -484,10 +484,9 @@ def _text_tokens(self, text, text_lens, on, B, device, dtype):
     pooled = torch.where(valid[..., None], text, torch.zeros_like(text)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
     return self.text_in(text), valid, pooled
 
-OmniHumanDiT._text_tokens = _text_tokens
-
 # %% ../nbs/06_dit.ipynb #409c8a66
-def _audio_tokens(self, audio, B, T):
+@patch
+def _audio_tokens(self:OmniHumanDiT, audio, B, T):
     "(B, T'/pt, pt * vae_temporal, hidden) audio tokens for the noisy video's T' latent frames."
     cfg, w = self.config, self.config.audio_window
     a = audio if audio.dim() == 4 else audio_windows(audio, w)
@@ -498,10 +497,9 @@ def _audio_tokens(self, audio, B, T):
     tok = latent_frame_groups(self.audio_proj(a), cfg.vae_temporal)     # (B, T', 4, hidden)
     return tok.reshape(B, T // self.patch[0], -1, cfg.hidden_size)
 
-OmniHumanDiT._audio_tokens = _audio_tokens
-
 # %% ../nbs/06_dit.ipynb #a606f3fa
-def _forward(self,
+@patch
+def forward(self:OmniHumanDiT,
              latents:torch.Tensor,                 # (B, C, T', H, W) noisy latents x_t
              timestep:torch.Tensor|float,          # (B,) or scalar, t in [0, 1] (1: pure noise)
              text:torch.Tensor|None=None,          # (B, L, text_dim) text encoder hidden states
@@ -543,10 +541,9 @@ def _forward(self,
     out = DiTOutput(sample=sample, loss_mask=lay.loss_mask(B, device), layout=lay)
     return out if return_dict else (sample, out.loss_mask)
 
-OmniHumanDiT.forward = _forward
-
 # %% ../nbs/06_dit.ipynb #5a6016e8
-def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, ref:torch.Tensor|None, ref_on,
+@patch
+def _precondition(self:OmniHumanDiT, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, ref:torch.Tensor|None, ref_on,
                   gate:torch.Tensor|None=None)->torch.Tensor:   # (B, C, T', H, W) in [0, 1]: the share of the guess's x_t term kept (skip_gate)
     "Clean latents = the best linear guess from x_t and the reference (where on) + c_out * the last layer's output `f`."
     cfg, B = self.config, f.shape[0]
@@ -563,8 +560,6 @@ def _precondition(self, f:torch.Tensor, latents:torch.Tensor, t:torch.Tensor, re
     if cfg.precondition == "ref": return (mu * (tt * tt / gden) + f).to(f.dtype)     # the guess's weight on the reference, nothing from x_t
     k = a * g2 / gden if gate is None else gate * (a * g2 / gden)                    # how much of x_t the guess takes
     return (mu + k * (latents - a * mu) + (s2.sqrt() * tt / den.sqrt()) * f).to(f.dtype)
-
-OmniHumanDiT._precondition = _precondition
 
 # %% ../nbs/06_dit.ipynb #8fdbdc10
 AUDIO_FEATURES = 128   # chapter 02: 4 log-mel frames x 32 bands per video frame
@@ -612,8 +607,8 @@ def parameter_counts(names=tuple(DIT_CONFIGS))->dict:
     return out
 
 # %% ../nbs/06_dit.ipynb #8cdb3356
-@classmethod
-def _from_pretrained(cls, *args, **kwargs):
+@patch(cls_method=True)
+def from_pretrained(cls:OmniHumanDiT, *args, **kwargs):
     "diffusers' `from_pretrained`, made strict: weights that don't fit the model are an error, not a warning and fresh random layers."
     want_info = kwargs.pop("output_loading_info", False)
     model, info = ModelMixin.from_pretrained.__func__(cls, *args, output_loading_info=True, **kwargs)
@@ -622,141 +617,3 @@ def _from_pretrained(cls, *args, **kwargs):
     check(not bad, f"DiT weights in {where}", "one weight of the right shape for every parameter of the model its config.json describes", bad,
           hint="They were saved by another version of OmniHumanDiT: retrain, or load them with `load_state_dict(..., strict=False)` and train the layers they lack.")
     return (model, info) if want_info else model
-
-OmniHumanDiT.from_pretrained = _from_pretrained
-
-# %% ../nbs/06_dit.ipynb #678275f7
-def _bench_batch(model, batch, frames, size, text_tokens, seed=0):
-    "Classroom inputs with every condition on, for `model`'s config."
-    cfg, g = model.config, torch.Generator().manual_seed(seed)
-    T, h = 1 + (frames - 1) // cfg.vae_temporal, size // cfg.vae_spatial
-    r = lambda *s: torch.randn(*s, generator=g)
-    return dict(latents=r(batch, cfg.in_channels, T, h, h), timestep=torch.rand(batch, generator=g), text=r(batch, text_tokens, cfg.text_dim),
-                ref=r(batch, cfg.in_channels, 1, h, h), motion=r(batch, cfg.in_channels, 2, h, h),
-                audio=r(batch, frames, 2 * cfg.audio_window + 1, cfg.audio_dim), pose=torch.rand(batch, cfg.pose_keypoints, frames, size, size, generator=g))
-
-def hunyuan_matched(ours:OmniHumanDiT, tolerance:float=0.15):
-    "diffusers' HunyuanVideoTransformer3DModel with our width and head size, block counts picked to match our parameter count."
-    from diffusers import HunyuanVideoTransformer3DModel
-    cfg, n_ours = ours.config, sum(p.numel() for p in ours.parameters())
-    best = None
-    for dual in range(1, cfg.num_layers + 2):
-        for single in range(0, cfg.num_layers + 1):
-            kw = dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-                      num_layers=dual, num_single_layers=single, num_refiner_layers=1, mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size[1],
-                      patch_size_t=cfg.patch_size[0], guidance_embeds=False, text_embed_dim=cfg.text_dim, pooled_projection_dim=cfg.text_dim,
-                      rope_axes_dim=tuple(cfg.rope_split))
-            with torch.device("meta"): n = sum(p.numel() for p in HunyuanVideoTransformer3DModel(**kw).parameters())
-            if best is None or abs(n - n_ours) < abs(best[1] - n_ours): best = (kw, n)
-    kw, n = best
-    check(abs(n / n_ours - 1) <= tolerance, "matched HunyuanVideo parameter count", f"within {tolerance:.0%} of {n_ours}", n)
-    return HunyuanVideoTransformer3DModel(**kw), kw
-
-# %% ../nbs/06_dit.ipynb #3f663ed4
-_SPLIT_OPS = {"attention": ("attention",), "norms": ("rms_norm", "modulated_layer_norm", "gated_residual", "residual_modulated_layer_norm")}
-
-@contextlib.contextmanager
-def _recording(calls:list):
-    "Record (category, function, args, kwargs) of every attention, norm and MLP call made inside the block."
-    saved = {n: getattr(K, n) for ns in _SPLIT_OPS.values() for n in ns}
-    def wrap(cat, fn):
-        def rec(*a, **kw):
-            calls.append((cat, fn, a, kw))
-            return fn(*a, **kw)
-        return rec
-    for cat, names in _SPLIT_OPS.items():
-        for n in names: setattr(K, n, wrap(cat, saved[n]))
-    mlp = StreamWeights.mlp
-    def rec_mlp(self, h, bk):
-        calls.append(("mlp", mlp, (self, h, bk), {}))
-        return mlp(self, h, bk)
-    StreamWeights.mlp = rec_mlp
-    try: yield calls
-    finally:
-        for n, fn in saved.items(): setattr(K, n, fn)
-        StreamWeights.mlp = mlp
-
-def _replay(calls:list)->dict:
-    "Seconds per category to re-run each recorded call alone, forward and backward."
-    out = defaultdict(float)
-    for cat, fn, a, kw in calls:
-        args = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in a]
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            res = fn(*args, **kw)
-            sum(r.sum() for r in (res if isinstance(res, tuple) else (res,))).backward()
-        out[cat] += time.perf_counter() - t0
-    return out
-
-def _train_step(model, inputs, target)->tuple:
-    "(wall seconds, this thread's CPU seconds) for zero_grad, forward, MSE loss and backward."
-    t0, c0 = time.perf_counter(), time.thread_time()
-    model.zero_grad(set_to_none=True)
-    with torch.enable_grad(): F.mse_loss(model(**inputs).sample, target).backward()
-    return time.perf_counter() - t0, time.thread_time() - c0
-
-# %% ../nbs/06_dit.ipynb #d845a26c
-def bench_dit(json_path=None,            # also write the result here as JSON
-              config:str="classroom",    # our named config
-              batch:int=2,               # clips per step
-              frames:int=17,             # video frames per clip (1 + 4k)
-              size:int=64,               # video height and width in pixels
-              text_tokens:int=20,        # caption tokens
-              steps:int=20,              # timed steps per model, alternating
-              warmup:int=2,              # untimed steps per model first
-              threads:int|None=1,        # torch CPU threads during the bench (None: leave as is)
-              seed:int=0)->dict:
-    "Time a training step of our DiT against diffusers' HunyuanVideo transformer (matched parameters and tokens) on the CPU."
-    from tqdm.auto import tqdm
-    import statistics
-    old_threads = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(seed)
-        ours = build_dit(config).train()
-        theirs, theirs_kw = hunyuan_matched(ours)
-        theirs.train()
-        x = _bench_batch(ours, batch, frames, size, text_tokens, seed)
-        bare = {k: v for k, v in x.items() if k not in ("audio", "pose")}     # the backbone: text, reference, motion
-        with torch.no_grad(): lay = ours(**x).layout
-        cfg = ours.config
-        per_frame = lay.n_noisy // lay.grid[0]
-        y = dict(hidden_states=torch.randn(batch, cfg.in_channels, (lay.n - lay.n_text) // per_frame, *x["latents"].shape[-2:]),
-                 timestep=torch.randint(0, 1000, (batch,)), encoder_hidden_states=x["text"],
-                 encoder_attention_mask=torch.ones(batch, text_tokens, dtype=torch.long), pooled_projections=torch.randn(batch, cfg.text_dim))
-        tx, ty = torch.randn_like(x["latents"]), torch.randn_like(y["hidden_states"])
-        runs = {"ours": (ours, x, tx), "ours_backbone": (ours, bare, tx), "theirs": (theirs, y, ty)}
-        for _ in range(warmup):
-            for m, i, t in runs.values(): _train_step(m, i, t)
-        times = {k: [] for k in runs}
-        for _ in tqdm(range(steps), desc="bench dit (ours | ours, backbone only | diffusers)"):
-            for k, (m, i, t) in runs.items(): times[k].append(_train_step(m, i, t))
-        with _recording([]) as calls: _train_step(ours, x, tx)
-        split = dict(_replay(calls))
-    finally: torch.set_num_threads(old_threads)
-    wall = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
-    cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
-    split_ms = {k: 1e3 * split.get(k, 0.0) for k in ("attention", "mlp", "norms")}
-    split_ms["rest"] = max(1e3 * wall["ours"] - sum(split_ms.values()), 0.0)
-    n_o, n_t = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in theirs.parameters())
-    res = dict(device="cpu", threads=threads or old_threads, config=config, batch=batch, frames=frames, size=size, steps=steps,
-               tokens=dict(ours=lay.n, theirs=y["hidden_states"].shape[2] * per_frame + text_tokens, layout=lay.counts),
-               params=dict(ours=n_o, theirs=n_t, ratio=n_o / n_t), theirs_config={k: list(v) if isinstance(v, tuple) else v for k, v in theirs_kw.items()},
-               median_ms={k: 1e3 * v for k, v in wall.items()}, median_cpu_ms={k: 1e3 * v for k, v in cpu.items()},
-               step_ms={k: [1e3 * t[0] for t in v] for k, v in times.items()},
-               step_ratio=wall["ours"] / wall["theirs"], step_ratio_cpu=cpu["ours"] / cpu["theirs"],
-               step_ratio_backbone=wall["ours_backbone"] / wall["theirs"],
-               split_ms=split_ms, split={k: v / max(sum(split_ms.values()), 1e-9) for k, v in split_ms.items()},
-               parameter_counts=parameter_counts())
-    print(f"{'model':<44}{'params':>12}{'tokens':>8}{'median step':>14}")
-    print(f"{'OmniHumanDiT ' + config + ', every condition':<44}{n_o:>12,}{res['tokens']['ours']:>8}{1e3 * wall['ours']:>11.1f} ms")
-    print(f"{'OmniHumanDiT ' + config + ', no audio or pose':<44}{n_o:>12,}{res['tokens']['ours']:>8}{1e3 * wall['ours_backbone']:>11.1f} ms")
-    print(f"{'diffusers HunyuanVideoTransformer3DModel':<44}{n_t:>12,}{res['tokens']['theirs']:>8}{1e3 * wall['theirs']:>11.1f} ms")
-    print(f"step_ratio (ours / diffusers, median of {steps}): {res['step_ratio']:.2f} wall, {res['step_ratio_cpu']:.2f} CPU time; "
-          f"backbone only {res['step_ratio_backbone']:.2f}")
-    print("our step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in res["split"].items()))
-    print("parameters: " + ", ".join(f"{k} {v['total'] / 1e6:.1f} M" for k, v in res["parameter_counts"].items()))
-    if json_path is not None:
-        p = write_text_atomic(json_path, json.dumps(res, indent=2) + "\n")
-        print(f"outputs are in {p}")
-    return res

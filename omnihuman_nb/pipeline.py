@@ -6,8 +6,7 @@
 __all__ = ['COMPONENTS', 'TINY', 'ANNEAL', 'SHIPPED_WEIGHTS', 'TextEncoderModel', 'AudioFeatureExtractor', 'fit_box', 'fit_image',
            'load_reference', 'load_wav', 'fit_wav', 'load_pose', 'Segment', 'plan_segments', 'OmniHumanOutput',
            'OmniHumanPipeline', 'build_pipeline', 'perturb_weights', 'cfg_schedule', 'GenerationPlan', 'dit_velocity',
-           'separate_velocity', 'plan_info', 'export_mp4', 'assemble_pipeline', 'load_pipeline', 'generate',
-           'bench_sample']
+           'separate_velocity', 'plan_info', 'export_mp4', 'assemble_pipeline', 'load_pipeline', 'generate']
 
 # %% ../nbs/10_pipeline.ipynb #c9e61f5e
 import dataclasses, json, math, os, statistics, tempfile, time
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from diffusers import DiffusionPipeline, ModelMixin, ConfigMixin, FlowMatchEulerDiscreteScheduler
+from fastcore.basics import patch   # methods defined cell by cell, each in its lesson
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
@@ -329,7 +329,8 @@ def _frame_count(seconds, frames, wav, pose_len):
     raise BadInputError("duration", "seconds=..., frames=..., or audio or pose to take it from", None)
 
 # %% ../nbs/10_pipeline.ipynb #3927bc76
-def _prepare(self, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
+@patch
+def prepare(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
             steps:int=20, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0, sampler:str="euler",
             height:int|None=None, width:int|None=None)->GenerationPlan:
     "Check and load every input, apply the activation rule and the size policy; no sampling yet."
@@ -361,8 +362,6 @@ def _prepare(self, ref_image, audio=None, text:str|None=None, pose=None, seconds
                           cfg_schedule(cfg_audio if given["audio"] else 1.0, kind), cfg_schedule(cfg_text if given["text"] else 1.0, kind),
                           steps, int(seed), sampler)
 
-OmniHumanPipeline.prepare = _prepare
-
 # %% ../nbs/10_pipeline.ipynb #cebf6e2b
 def dit_velocity(dit:OmniHumanDiT, cond:dict)->Callable:
     "The DiT as `velocity(x, t, audio_on, text_on)` for `flow.guided_velocity`: conditions (batch 1) broadcast to the CFG batch, audio and text switched per row."
@@ -386,7 +385,8 @@ def separate_velocity(velocity:Callable, x:torch.Tensor, t:torch.Tensor, s_audio
     return v_0 + s_text * (v_t - v_0) + s_audio * (v_ta - v_t)
 
 # %% ../nbs/10_pipeline.ipynb #dddeb4eb
-def _sample_latents(self, velocity:Callable,         # velocity(x, t, audio_on, text_on)
+@patch
+def sample_latents(self:OmniHumanPipeline, velocity:Callable,         # velocity(x, t, audio_on, text_on)
                    noise:torch.Tensor,              # x at t = 1
                    times:torch.Tensor,              # `flow.sampling_times`, already shifted
                    audio_cfg:GuidanceSchedule, text_cfg:GuidanceSchedule,
@@ -407,8 +407,6 @@ def _sample_latents(self, velocity:Callable,         # velocity(x, t, audio_on, 
         if callback is not None: callback(i, sch.sigmas[i + 1], x)
     return x
 
-OmniHumanPipeline.sample_latents = _sample_latents
-
 # %% ../nbs/10_pipeline.ipynb #920cfc7e
 def _nan_check(x, step, steps, seg, n_seg):
     if not bool(torch.isfinite(x).all()):
@@ -417,8 +415,9 @@ def _nan_check(x, step, steps, seg, n_seg):
                             hint="Sampling stopped there. The model produces non-finite velocities: check the checkpoint, or lower the CFG scales.")
 
 # %% ../nbs/10_pipeline.ipynb #f92508a8
+@patch
 @torch.no_grad()
-def _iter_segments(self, plan:GenerationPlan,
+def iter_segments(self:OmniHumanPipeline, plan:GenerationPlan,
                   callback:Callable|None=None   # callback(dict(segment, segments, step, steps, t, latents, x0)) after every step
                  )->Iterator[tuple[Segment, np.ndarray]]:
     "Generate the plan segment by segment, yielding (segment, its kept uint8 frames); only one segment lives in memory."
@@ -458,10 +457,9 @@ def _iter_segments(self, plan:GenerationPlan,
             yield seg, prev[:seg.keep]
     finally: self.vae.reset_stream()
 
-OmniHumanPipeline.iter_segments = _iter_segments
-
 # %% ../nbs/10_pipeline.ipynb #8217ea18
-def _call(self, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
+@patch
+def __call__(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
           steps:int=20, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0,
           callback:Callable|None=None, sampler:str="euler", height:int|None=None, width:int|None=None)->OmniHumanOutput:
     "Generate a video from a reference image and any of audio (wav path or 16 kHz array), text and pose (pose.json path)."
@@ -477,8 +475,6 @@ def plan_info(plan:GenerationPlan, elapsed:float|None=None)->dict:
              given=plan.given, active=plan.active, cfg_audio=plan.audio_cfg.to_dict(), cfg_text=plan.text_cfg.to_dict())
     if elapsed is not None: d.update(elapsed_s=elapsed, seconds_per_video_second=elapsed / d["seconds"])
     return d
-
-OmniHumanPipeline.__call__ = _call
 
 # %% ../nbs/10_pipeline.ipynb #42b1ed7c
 def export_mp4(frames,                        # (T, H, W, 3) uint8, or an iterable of such chunks (streamed)
@@ -523,8 +519,8 @@ def export_mp4(frames,                        # (T, H, W, 3) uint8, or an iterab
     return path
 
 # %% ../nbs/10_pipeline.ipynb #ed089cb5
-@classmethod
-def _from_pretrained(cls, path, **kw):
+@patch(cls_method=True)
+def from_pretrained(cls:OmniHumanPipeline, path, **kw):
     "Load a folder written by `save_pretrained`; a missing component is a `BadInputError` that names it."
     p = Path(path)
     check(p.is_dir(), "model folder", "an existing folder written by save_pretrained", str(p))
@@ -542,8 +538,6 @@ def _from_pretrained(cls, path, **kw):
         for t in list(m.parameters()) + list(m.buffers()):
             if t.data_ptr() % 64: t.data = t.data.clone()
     return pipe
-
-OmniHumanPipeline.from_pretrained = _from_pretrained
 
 # %% ../nbs/10_pipeline.ipynb #6ae56585
 def _resolve_dit(dit)->tuple[Path, Path|None]:
@@ -633,63 +627,3 @@ def generate(ref:str|Path,                  # reference image
     print(f"{res['frames']} frames ({res['seconds']:.2f} s) in {res['segments']} segment(s), {res['elapsed_s']:.1f} s of compute")
     print(f"outputs are in {path}")
     return res
-
-# %% ../nbs/10_pipeline.ipynb #c0fdfc3a
-def _bench_inputs(size, seconds, seed):
-    "A synthetic reference (a gradient with a disc) and speech-like audio: content does not change the cost."
-    yy, xx = np.mgrid[:size, :size] / size
-    img = np.stack([xx, yy, 0.5 + 0.5 * ((xx - .5) ** 2 + (yy - .4) ** 2 < .05)], -1)
-    n = round(seconds * SR)
-    t = np.arange(n) / SR
-    wav = (0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
-    return (img * 255).astype(np.uint8), wav
-
-def bench_sample(json_path:str|Path|None=None,   # also write the result here as JSON
-                 seconds:float=2.0,              # length of the timed video
-                 steps:int=20,                   # Euler steps per segment (generate's default)
-                 size:int=64,                    # video height and width
-                 repeats:int=10,                 # timed CFG velocity calls per variant, alternating
-                 threads:int|None=1,             # torch CPU threads (None: leave as is)
-                 seed:int=0)->dict:
-    "At the classroom config on the CPU: seconds of compute per second of video, and the speed-up of batched CFG over separate forwards."
-    old = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try:
-        pipe = build_pipeline("classroom", height=size, width=size, seed=seed)
-        perturb_weights(pipe.transformer, seed=seed)    # untrained weights answer zero; jittered ones make the agreement check mean something
-        ref, wav = _bench_inputs(size, seconds, seed)
-        kw = dict(audio=wav, text="a person talking", seconds=seconds, steps=steps, cfg_audio=3.0, cfg_text=2.0, seed=seed)
-        pipe(ref, **{**kw, "seconds": 0.2, "steps": 1})                          # warm-up
-        t0 = time.perf_counter(); res = pipe(ref, **kw); gen_s = time.perf_counter() - t0
-        # one segment's velocity, batched vs separate
-        with torch.no_grad():
-            F_ = pipe.config.segment_frames
-            plan = pipe.prepare(ref, **kw)
-            text, lens = pipe.text_encoder([plan.caption])
-            cond = dict(text=text, text_lens=lens, ref=pipe.encode_frames(plan.ref[None]), audio=pipe.audio_features(fit_wav(wav, F_), F_)[None],
-                        motion=pipe.encode_frames(np.repeat(plan.ref[None], pipe.config.motion_frames, 0)))
-            h = size // pipe.vae.config.spatial_compression
-            g = make_generator(seed)
-            x, t = torch.randn(1, pipe.transformer.config.in_channels, 1 + (F_ - 1) // 4, h, h, generator=g), torch.tensor([0.5])
-            vel = dit_velocity(pipe.transformer, cond)
-            a, b = guided_velocity(vel, x, t, 3.0, 2.0), separate_velocity(vel, x, t, 3.0, 2.0)
-            agree = float((a - b).abs().max())
-            tb, ts = [], []
-            for _ in tqdm(range(repeats), desc="bench sample: batched | separate CFG"):
-                t1 = time.perf_counter(); guided_velocity(vel, x, t, 3.0, 2.0); tb.append(time.perf_counter() - t1)
-                t1 = time.perf_counter(); separate_velocity(vel, x, t, 3.0, 2.0); ts.append(time.perf_counter() - t1)
-    finally: torch.set_num_threads(old)
-    mb, ms = statistics.median(tb), statistics.median(ts)
-    out = dict(device="cpu", threads=threads or old, config="classroom", size=size, seconds=seconds, steps=steps, frames=res.info["frames"],
-               segments=res.info["segments"], segment_frames=pipe.config.segment_frames, generate_s=gen_s,
-               seconds_per_video_second=gen_s / res.info["seconds"], cfg_batched_ms=1e3 * mb, cfg_separate_ms=1e3 * ms,
-               batched_cfg_speedup=ms / mb, batched_vs_separate_max_diff=agree, target_speedup=1.3)
-    print(f"{'classroom, ' + str(size) + 'x' + str(size) + ', ' + str(steps) + ' steps':<34}{'value':>12}")
-    print(f"{'seconds per video second':<34}{out['seconds_per_video_second']:>12.2f}")
-    print(f"{'CFG velocity, batched (ms)':<34}{out['cfg_batched_ms']:>12.1f}")
-    print(f"{'CFG velocity, separate (ms)':<34}{out['cfg_separate_ms']:>12.1f}")
-    print(f"{'batched_cfg_speedup (target 1.3)':<34}{out['batched_cfg_speedup']:>12.2f}")
-    if json_path is not None:
-        p = write_text_atomic(json_path, json.dumps(out, indent=2) + "\n")
-        print(f"outputs are in {p}")
-    return out

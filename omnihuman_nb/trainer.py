@@ -7,7 +7,7 @@ __all__ = ['TRAIN_CONFIGS', 'REGION_CONDITION', 'CONDITION_MODULES', 'CKPT_DIR',
            'active_set', 'combo_name', 'TrainConfig', 'train_config', 'config_differences', 'resolve_vae_dir',
            'vae_fingerprint', 'encode_clip', 'LatentClips', 'Pick', 'draw_pick', 'sample_order', 'step_rng',
            'region_loss_weights', 'make_batch', 'flow_step', 'EMA', 'warmup_lambda', 'param_groups', 'save_checkpoint',
-           'latest_checkpoint', 'load_checkpoint', 'StopFlag', 'plot_curves', 'train', 'bench_train']
+           'latest_checkpoint', 'load_checkpoint', 'StopFlag', 'plot_curves', 'train']
 
 # %% ../nbs/09_trainer.ipynb #fe52e355
 import contextlib, dataclasses, hashlib, json, math, os, shutil, signal, tempfile, threading, time, warnings
@@ -676,38 +676,3 @@ def _print_counts(res:dict):
     print(f"{'(with motion frames)':<24}" + "".join(f"{res['motion'].get(s, 0):>9}" for s in res["counts"]))
     print(f"{res['steps']} steps, final loss {res['final_loss']:.4f}, {res['seconds']:.0f} s" + (" (interrupted)" if res["interrupted"] else ""))
     print(f"outputs are in {res['out_dir']}")
-
-# %% ../nbs/09_trainer.ipynb #a43db7a0
-def bench_train(json_path=None,          # also write the result here as JSON
-                steps:int=6,             # timed optimizer steps per mode
-                data_dir=None,           # clips to train on (default: the shipped data_samples/clips, else 4 rendered ones)
-                vae_dir=None,            # a VAE folder (default: an untrained CausalVAE of the default size)
-                threads:int|None=None,   # torch CPU threads (None: leave as is)
-                verbose:bool=True)->dict:
-    "Samples/s and s/step of the classroom DiT on this machine's CPU, with and without the latent cache."
-    import tempfile
-    if threads: torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        if data_dir is None:
-            shipped = Path(__file__).resolve().parents[1] / "data_samples" / "clips"
-            if shipped.exists(): data_dir = shipped
-            else:
-                from omnihuman_nb.data import render_dataset
-                data_dir = render_dataset(tmp / "clips", clips=4, seconds=1.0, n_held_out=0, verbose=False)["out"]
-        if vae_dir is None:
-            torch.manual_seed(0); CausalVAE().save_pretrained(tmp / "vae"); vae_dir = tmp / "vae"
-        cfg = train_config("classroom", split="all")
-        res = dict(config="classroom", device="cpu", threads=torch.get_num_threads(), batch_size=cfg.batch_size, n_frames=cfg.n_frames, steps=steps)
-        for cache in (True, False):
-            r = train(data_dir, vae_dir, tmp / f"run_{cache}", stages="3", steps_per_stage=steps, config=cfg, cache=cache, device="cpu", verbose=False)
-            key = "cached" if cache else "uncached"
-            res[key] = dict(s_per_step=round(r["s_per_step"], 4), samples_per_s=round(r["samples_per_s"], 3), setup_s=round(r["cache_build_s"], 2))
-    res["speedup"] = round(res["uncached"]["s_per_step"] / res["cached"]["s_per_step"], 2)
-    if verbose:
-        print(f"{'mode':<10}{'s/step':>10}{'samples/s':>12}{'setup s':>10}")
-        for k in ("cached", "uncached"): print(f"{k:<10}{res[k]['s_per_step']:>10.3f}{res[k]['samples_per_s']:>12.2f}{res[k]['setup_s']:>10.1f}")
-        print(f"latent caching is {res['speedup']}x faster per step (classroom DiT, batch {cfg.batch_size}, {torch.get_num_threads()} threads)")
-    if json_path is not None:
-        write_text_atomic(json_path, json.dumps(res, indent=1))
-    return res

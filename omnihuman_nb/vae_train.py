@@ -6,8 +6,8 @@
 __all__ = ['VIDEO_EXTS', 'make_toy_clips', 'resize_frames', 'mouth_boxes', 'load_clips', 'split_identities', 'psnr', 'ssim',
            'reconstruction_loss', 'PatchDiscriminator3d', 'hinge_d_loss', 'adaptive_weight', 'to_model', 'to_uint8',
            'sample_batch', 'ema_update', 'VAETrainConfig', 'reconstruct', 'frame_metrics', 'evaluate_vae',
-           'latent_stats', 'train_vae', 'puppet_mouth_boxes', 'make_puppet_clips', 'recon', 'bench_vae',
-           'plot_training_curve', 'plot_reconstructions', 'plot_latent_channels']
+           'latent_stats', 'train_vae', 'puppet_mouth_boxes', 'make_puppet_clips', 'recon', 'plot_training_curve',
+           'plot_reconstructions', 'plot_latent_channels']
 
 # %% ../nbs/04_vae_training.ipynb #d414b8f4
 import copy, dataclasses, json, math, os, random, statistics, time
@@ -473,65 +473,6 @@ def recon(vae_dir,                 # a trained VAE: train_vae's OUT or OUT/vae
     if "mouth_psnr" in m: print(f"{'mouth':<8}{m['mouth_psnr']:>9.2f}{'':>8}")
     print(f"outputs are in {Path(out_path).parent} ({Path(out_path).name})")
     return m | dict(frames=T, size=(h, w), out=str(out_path))
-
-# %% ../nbs/04_vae_training.ipynb #111a5f16
-def _timed(fn)->float:
-    t = time.perf_counter(); fn(); return time.perf_counter() - t
-
-@torch.no_grad()
-def bench_vae(json_path=None,                          # also write the results here as JSON
-              size:int=128,                            # frame size (square)
-              frames:int=17,                           # frames in the timed video
-              long_frames:int=129,                     # frames for the memory comparison (against `frames`)
-              repeats:int=5,                           # timed rounds (medians are reported)
-              widths:tuple=(32, 64, 128, 128),         # level widths of both models
-              threads:int|None=None,                   # torch CPU threads (None: leave as is)
-              seed:int=0)->dict:
-    "Time our VAE against diffusers' AutoencoderKLCogVideoX at matched size; check streaming; print a table, return a dict."
-    from diffusers import AutoencoderKLCogVideoX
-    if threads: torch.set_num_threads(threads)
-    seed_everything(seed)
-    ours = CausalVAE(block_out_channels=tuple(widths), layers_per_block=1, latent_channels=16).eval()
-    theirs = AutoencoderKLCogVideoX(block_out_channels=tuple(widths), layers_per_block=1, latent_channels=16,
-                                    norm_num_groups=min(16, min(widths))).eval()
-    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-    x = torch.rand(1, 3, frames, size, size, generator=make_generator(seed)) * 2 - 1
-    enc_o = lambda: ours.encode(x).mode()
-    enc_t = lambda: theirs.encode(x).latent_dist.mode()
-    z_o, z_t = enc_o(), enc_t()                   # warm-up, and the latents each decoder gets
-    ours.decode(z_o); theirs.decode(z_t).sample
-    times = {k: [] for k in ("enc_ours", "enc_theirs", "dec_ours", "dec_theirs")}
-    for r in tqdm(range(repeats), desc="bench vae"):
-        pairs = [("enc_ours", enc_o), ("enc_theirs", enc_t), ("dec_ours", lambda: ours.decode(z_o)), ("dec_theirs", lambda: theirs.decode(z_t).sample)]
-        order = pairs if r % 2 == 0 else [pairs[1], pairs[0], pairs[3], pairs[2]]
-        for k, fn in order: times[k].append(_timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    diff = max((ours.encode(x, chunk=1).mode() - z_o).abs().max().item(),
-               (ours.decode(z_o, chunk=1) - ours.decode(z_o)).abs().max().item())
-    def stream_peak(n_frames):
-        z = torch.randn(1, 16, 1 + (n_frames - 1) // 4, size // 8, size // 8, generator=make_generator(seed))
-        with TensorMemory() as mem:
-            for chunk in ours.decode_stream(z, 1): del chunk
-        return mem.peak
-    peak_short, peak_long = stream_peak(frames), stream_peak(long_frames)
-    res = dict(encode_ratio=med["enc_ours"] / med["enc_theirs"], decode_ratio=med["dec_ours"] / med["dec_theirs"],
-               stream_max_abs_diff=diff, stream_peak_mem_ratio=peak_long / peak_short,
-               params_ours=n_ours, params_theirs=n_theirs, param_ratio=n_ours / n_theirs,
-               encode_s_ours=med["enc_ours"], encode_s_theirs=med["enc_theirs"],
-               decode_s_ours=med["dec_ours"], decode_s_theirs=med["dec_theirs"],
-               stream_peak_mib_short=peak_short / 2**20, stream_peak_mib_long=peak_long / 2**20,
-               input=[1, 3, frames, size, size], long_frames=long_frames, repeats=repeats, threads=torch.get_num_threads(),
-               device="cpu", dtype="fp32", torch=torch.__version__)
-    print(f"{'metric':<24}{'value':>12}{'target':>10}")
-    for k, tgt in [("encode_ratio", "<= 1.0"), ("decode_ratio", "<= 1.0"), ("stream_max_abs_diff", "<= 1e-5"),
-                   ("stream_peak_mem_ratio", "<= 1.3"), ("param_ratio", "0.85-1.15")]:
-        print(f"{k:<24}{res[k]:>12.4g}{tgt:>10}")
-    print(f"times (s, median of {repeats}): encode ours {med['enc_ours']:.3f} / CogVideoX {med['enc_theirs']:.3f}, "
-          f"decode ours {med['dec_ours']:.3f} / CogVideoX {med['dec_theirs']:.3f}")
-    if json_path is not None:
-        write_text_atomic(json_path, json.dumps(res, indent=2))
-        print(f"outputs are in {json_path}")
-    return res
 
 # %% ../nbs/04_vae_training.ipynb #c95f20d9
 def plot_training_curve(run_dir)->"go.Figure":

@@ -17,8 +17,9 @@ from omnihuman_nb.data import read_video, read_audio
 from omnihuman_nb.flow import guided_velocity, sampling_times
 from omnihuman_nb.vae import TensorMemory
 from omnihuman_nb.pipeline import (TINY, COMPONENTS, OmniHumanPipeline, build_pipeline, perturb_weights, plan_segments, Segment,
-                                   export_mp4, generate, bench_sample, load_reference, fit_wav, load_wav, cfg_schedule,
+                                   export_mp4, generate, load_reference, fit_wav, load_wav, cfg_schedule,
                                    dit_velocity, separate_velocity)
+from omnihuman_nb.bench import bench_sample
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data_samples"
 SPEECH, POSE = SAMPLES / "speech/hello_puppet_f.wav", SAMPLES / "clips/clip_00005/pose.json"
