@@ -515,6 +515,63 @@ def _init_checkpoint(init_from, model_cfg:dict, vae_id:str)->Path:
     check(parent_vae == vae_id, "init_from", f"a run trained on this VAE ({vae_id})", f"{ck} used VAE {parent_vae}")
     return ck
 
+# %% ../nbs/09_trainer.ipynb #c9a1b002
+def _build_model(model_cfg:dict, cfg:TrainConfig, init:Path|None)->tuple:
+    "(model, EMA, optimizer, lr schedule) for a fresh run, or for a branch from `init`'s weights and EMA."
+    torch.manual_seed(cfg.seed)
+    model = OmniHumanDiT(**model_cfg)
+    ema = EMA(model, cfg.ema_decay)
+    if init is not None:   # a branch: the parent's weights and EMA, a fresh optimizer and step count
+        model.load_state_dict(load_file(init / "model" / "diffusion_pytorch_model.safetensors"))
+        ema.load_state_dict(load_file(init / "ema.safetensors"), json.loads((init / "trainer_state.json").read_text())["step"])
+    groups = param_groups(model, cfg) if cfg.condition_lr != 1 else model.parameters()   # one group otherwise: older checkpoints resume
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))
+    return model, ema, opt, sched
+
+# %% ../nbs/09_trainer.ipynb #c9a1b003
+def _combo_id(pick)->int:
+    "A pick's conditions as bits (CONDITIONS order) plus 16 when it has motion frames: one int that gathers across ranks."
+    return sum(1 << k for k, c in enumerate(CONDITIONS) if pick.on[c]) + 16 * pick.motion
+
+def _optimizer_step(acc, model, raw, opt, sched, ema, data, text_h:dict, cfg:TrainConfig, stage, step:int, rank:int, world:int)->tuple:
+    "One optimizer step over `cfg.grad_accum` micro-batches: (combo ids (N,), per-sample losses (N,), grad norm, clip indices)."
+    model.train()
+    ids, per_all, seen = [], [], []
+    for micro in range(cfg.grad_accum):
+        idx = sample_order(step, micro, cfg, len(data), rank, world)       # this rank's clips for this micro-batch
+        rng, gen = step_rng(cfg, step, micro, rank)
+        picks = [draw_pick(rng, i, data.info[i], stage, cfg) for i in idx]   # a window and its conditions per clip
+        seen += idx
+        batch = make_batch(data, picks, text_h, cfg, acc.device)
+        last = micro == cfg.grad_accum - 1
+        sync = contextlib.nullcontext() if last else acc.no_sync(model)     # gradients sync on the last micro-batch only
+        with sync:
+            loss, per = flow_step(model, batch, gen, cfg.flow, cfg.motion_noise)   # scalar, (B,)
+            acc.backward(loss / cfg.grad_accum)
+        ids.append(torch.tensor([_combo_id(p) for p in picks], device=acc.device))   # (B,)
+        per_all.append(per)
+    gnorm = acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    ema.update(raw)
+    ids = acc.gather(torch.cat(ids)).cpu()           # (B * grad_accum * world,)
+    per_all = acc.gather(torch.cat(per_all)).cpu()   # the same length
+    return ids, per_all, gnorm, seen
+
+# %% ../nbs/09_trainer.ipynb #c9a1b004
+def _tally(ids:torch.Tensor, per:torch.Tensor, counts:dict)->tuple:
+    "(samples, summed loss) per condition combination in one step, added to `counts` too, and how many samples had motion frames."
+    combos, closs, motion = Counter(), Counter(), 0
+    for i, l in zip(ids.tolist(), per.tolist()):
+        name = combo_name({c: bool(i >> k & 1) for k, c in enumerate(CONDITIONS)})
+        combos[name] += 1
+        closs[name] += l
+        counts[name] = counts.get(name, 0) + 1
+        motion += i >> 4
+    return combos, closs, motion
+
 # %% ../nbs/09_trainer.ipynb #b2f40d8b
 def train(data_dir,                          # folder of clip folders (see chapter 02)
           vae_dir,                           # a trained CausalVAE folder (train_vae's OUT or OUT/vae)
@@ -564,15 +621,7 @@ def train(data_dir,                          # folder of clip folders (see chapt
         caps = sorted({d["caption"] for d in data.info})
         hs, lens = enc(caps)
         text_h = {c: hs[i, :max(int(lens[i]), 1)].float().cpu() for i, c in enumerate(caps)}
-    torch.manual_seed(cfg.seed)
-    model = OmniHumanDiT(**model_cfg)
-    ema = EMA(model, cfg.ema_decay)
-    if init is not None:   # a branch: the parent's weights and EMA, a fresh optimizer and step count
-        model.load_state_dict(load_file(init / "model" / "diffusion_pytorch_model.safetensors"))
-        ema.load_state_dict(load_file(init / "ema.safetensors"), json.loads((init / "trainer_state.json").read_text())["step"])
-    groups = param_groups(model, cfg) if cfg.condition_lr != 1 else model.parameters()   # one group otherwise: older checkpoints resume
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))
+    model, ema, opt, sched = _build_model(model_cfg, cfg, init)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     state = dict(step=0, stage_pos=0, stage_step=0, stage_seconds=0.0, stages=[i + 1 for i in order], vae_id=vae_id,
@@ -600,43 +649,27 @@ def train(data_dir,                          # folder of clip folders (see chapt
             return save_checkpoint(out, state["step"], raw, opt, sched, ema, state, cfg.keep_checkpoints)
     with StopFlag() as stop:
         while state["stage_pos"] < len(order):
-            si = order[state["stage_pos"]]; stage = cfg.stages[si]
-            counts = state["counts"].setdefault(str(si + 1), {})
-            mot = state["motion"].setdefault(str(si + 1), 0)
+            si = order[state["stage_pos"]]
+            stage, key = cfg.stages[si], str(si + 1)
+            counts = state["counts"].setdefault(key, {})
+            state["motion"].setdefault(key, 0)
             done = (state["stage_seconds"] >= 60 * minutes_per_stage) if minutes_per_stage else state["stage_step"] >= cfg.steps_per_stage
             if done:
-                state.update(stage_pos=state["stage_pos"] + 1, stage_step=0, stage_seconds=0.0); continue
+                state.update(stage_pos=state["stage_pos"] + 1, stage_step=0, stage_seconds=0.0)
+                continue
             ts = time.perf_counter()
-            model.train()
-            ids, per_all = [], []
-            for micro in range(cfg.grad_accum):
-                idx = sample_order(state["step"], micro, cfg, len(data), rank, world)
-                rng, gen = step_rng(cfg, state["step"], micro, rank)
-                picks = [draw_pick(rng, i, data.info[i], stage, cfg) for i in idx]
-                seen += idx
-                batch = make_batch(data, picks, text_h, cfg, acc.device)
-                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(model)
-                with sync:
-                    loss, per = flow_step(model, batch, gen, cfg.flow, cfg.motion_noise)
-                    acc.backward(loss / cfg.grad_accum)
-                ids.append(torch.tensor([sum(1 << k for k, c in enumerate(CONDITIONS) if p.on[c]) + 16 * p.motion for p in picks], device=acc.device))
-                per_all.append(per)
-            gnorm = acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            ema.update(raw)
-            ids, per_all = acc.gather(torch.cat(ids)).cpu(), acc.gather(torch.cat(per_all)).cpu()
+            ids, per_all, gnorm, idx = _optimizer_step(acc, model, raw, opt, sched, ema, data, text_h, cfg, stage, state["step"], rank, world)
+            seen += idx
             dt = time.perf_counter() - ts
             stop_now = stop.set or (max_steps is not None and state["step"] + 1 >= max_steps)
             if world > 1: stop_now = bool(acc.reduce(torch.tensor(float(stop_now), device=acc.device), "max") > 0)
             secs = dt if world == 1 else float(acc.reduce(torch.tensor(dt, device=acc.device), "max"))
-            state["step"] += 1; state["stage_step"] += 1; state["stage_seconds"] += secs
+            state["step"] += 1
+            state["stage_step"] += 1
+            state["stage_seconds"] += secs
             step_times.append(secs)
-            combos, closs = Counter(), Counter()
-            for i, l in zip(ids.tolist(), per_all.tolist()):
-                name = combo_name({c: bool(i >> k & 1) for k, c in enumerate(CONDITIONS)})
-                combos[name] += 1; closs[name] += l; counts[name] = counts.get(name, 0) + 1
-                mot += i >> 4
-            state["motion"][str(si + 1)] = mot
+            combos, closs, motion = _tally(ids, per_all, counts)
+            state["motion"][key] += motion
             loss_v = float(per_all.mean())
             if main:
                 row = dict(step=state["step"], stage=si + 1, loss=loss_v, lr=sched.get_last_lr()[0], grad_norm=float(gnorm),
