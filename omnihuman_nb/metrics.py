@@ -367,7 +367,7 @@ def pose_error(pred,              # (T, K, 2) keypoints the probe reads, px
                target,            # (T, K, 2) the driving pose, same pixels
                visible,           # (T, K) which driving keypoints count (inside the frame)
                alpha:float=0.1)->dict:
-    "Keypoint error (mean px over counted keypoints) and PCK@alpha: a keypoint is correct within alpha x the driving pose's bounding-box size (its longer side) in that frame."
+    "Keypoint error (mean px over counted keypoints) and PCK@alpha: a keypoint is correct within alpha x the driving pose's bounding-box size (its longer side) in that frame; also PCK per keypoint group (None where a group has no counted keypoint)."
     pred, target, vis = np.asarray(pred, np.float64), np.asarray(target, np.float64), np.asarray(visible, bool)
     dims = check_shape(pred, ("T", "K", 2), "predicted keypoints"); check_shape(target, ("T", "K", 2), "driving keypoints", dims)
     check_shape(vis, ("T", "K"), "visibility", dims)
@@ -376,7 +376,8 @@ def pose_error(pred,              # (T, K, 2) keypoints the probe reads, px
     lo = np.where(vis[..., None], target, np.inf).min(1); hi = np.where(vis[..., None], target, -np.inf).max(1)
     box = np.nan_to_num((hi - lo).max(-1), nan=0.0, posinf=0.0, neginf=0.0)     # (T,) longer side of the visible keypoints' box
     ok = err <= alpha * box[:, None]
-    return dict(kp_err=float(err[vis].mean()), pck=float(ok[vis].mean()), keypoints_counted=int(vis.sum()))
+    groups = {f"pck_{g}": float(ok[:, js][vis[:, js]].mean()) if vis[:, js].any() else None for g, js in KEYPOINT_GROUPS.items()}
+    return dict(kp_err=float(err[vis].mean()), pck=float(ok[vis].mean()), keypoints_counted=int(vis.sum()), **groups)
 
 # %% ../nbs/11_metrics.ipynb #2669a4b1
 def hand_variance(keypoints,                 # (T, K, 2) keypoints the probe reads, px at 64x64
@@ -454,6 +455,7 @@ def _real_frames(real)->list[np.ndarray]:
 # %% ../nbs/11_metrics.ipynb #b16dfbbe
 METRIC_NOTES = dict(sync_r="lip-sync Pearson r at lag 0 (Sync-C analogue)", sync_lag="lag of best r, frames (+: mouth late)",
                     kp_err="keypoint error vs driving pose, px at 64x64", pck="PCK@0.1 (of the pose's box) vs driving pose",
+                    pck_face="PCK of nose, eyes, mouth", pck_body="PCK of neck, shoulders, elbows, hips, legs", pck_hands="PCK of wrists and fingers",
                     hand_var="hand keypoint variance, px^2 (HKV analogue)", identity_drift="worst segment's identity distance to the ref",
                     fd="Fréchet distance of probe features to real", flicker="frame change over real clips' (1 = real)")
 
@@ -569,7 +571,8 @@ def evaluate_video(video,                      # an mp4 path, or (T, H, W, 3) ui
 def _mean(vals): vals = [v for v in vals if v is not None]; return float(np.mean(vals)) if vals else None
 
 def _summarise(rows:list[dict])->dict:
-    return {k: _mean([r.get(k) for r in rows]) for k in ("sync_r", "sync_lag", "kp_err", "pck", "hand_var", "identity_drift", "flicker_raw")}
+    keys = ("sync_r", "sync_lag", "kp_err", "pck", "pck_face", "pck_body", "pck_hands", "hand_var", "identity_drift", "flicker_raw")
+    return {k: _mean([r.get(k) for r in rows]) for k in keys}
 
 def evaluate_model(model_dir,                     # a pipeline folder (`omnihuman pipeline assemble`, OmniHumanPipeline.save_pretrained), or a loaded pipeline
                    data_dir:str|Path,             # a rendered dataset; its held-out clips are scored
