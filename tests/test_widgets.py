@@ -255,6 +255,6 @@ def test_committed_notebooks_carry_no_widget_state():
         d = json.loads(nb.read_text())
         assert "widgets" not in d.get("metadata", {}), f"{nb.name} was saved with widget state; save it without (or nbdev_clean and strip metadata.widgets)"
         outs = sum(len(json.dumps(c.get("outputs", []))) for c in d["cells"])
-        assert outs < 500_000, f"{nb.name} holds {outs:,} bytes of outputs"
+        assert outs < 1_000_000, f"{nb.name} holds {outs:,} bytes of outputs"   # static PNG figures are 30-100 KB each; one FigureWidget's state is ~5 MB
         total += nb.stat().st_size
     assert total < 5_000_000, f"the notebooks total {total:,} bytes"
