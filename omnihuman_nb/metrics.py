@@ -578,7 +578,7 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
                    data_dir:str|Path,             # a rendered dataset; its held-out clips are scored
                    json_path:str|Path|None=None,  # also write the results here
                    max_clips:int|None=None,       # score at most this many held-out clips
-                   steps:int=20,                  # Euler steps per segment
+                   steps:int|None=None,           # Euler steps per segment (None: the pipeline's own)
                    cfg_audio:float=3.0, cfg_text:float=2.0,
                    anneal:str="linear",           # CFG annealing: "linear", "cosine" or "none" (constant scales)
                    seed:int=0,
@@ -641,7 +641,7 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
     gen["flicker"], real["flicker"] = gen["flicker_raw"] / max(real["flicker_raw"], 1e-9), 1.0
     real["hand_var"] = _mean([r["hand_var"] for r, c in zip(real_rows, loaded) if c.audio is not None])   # the clips audio-driven videos copy
     res = dict(gen, model=str(model_dir) if not isinstance(model_dir, OmniHumanPipeline) else "pipeline", data=str(data_dir), clips=len(clips), videos={m: sum(j[1] == m for j in jobs) for m in ("audio", "pose", "text")},
-               steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed, seconds=round(time.perf_counter() - t0, 1), real=real, still=still,
+               steps=steps or pipe.config.steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed, seconds=round(time.perf_counter() - t0, 1), real=real, still=still,
                per_video=[{k: v for k, v in r.items() if k != "sync_curve"} for r in gen_rows])
     if verbose:
         print(f"{len(jobs)} videos ({', '.join(f'{n} {m}' for m, n in res['videos'].items() if n)}) from {len(clips)} held-out clips of {data_dir}")
@@ -658,7 +658,7 @@ def evaluate(video=None,                   # one video to score (mode 1) ...
              json_path=None,               # also write the results here
              max_lag:int=5,                # sync lag search, frames each way
              segment_frames:int|None=None, # identity drift segment length (mode 1 default 25; mode 2: the pipeline's segments)
-             max_clips:int|None=None, steps:int=20, cfg_audio:float=3.0, cfg_text:float=2.0, seed:int=0,   # mode 2
+             max_clips:int|None=None, steps:int|None=None, cfg_audio:float=3.0, cfg_text:float=2.0, seed:int=0,   # mode 2
              device:str="auto",            # mode 2
              probes=None,                  # probe weights (None: the shipped ones)
              verbose:bool=True)->dict:

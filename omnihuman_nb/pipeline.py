@@ -6,7 +6,8 @@
 __all__ = ['COMPONENTS', 'TINY', 'ANNEAL', 'SHIPPED_WEIGHTS', 'TextEncoderModel', 'AudioFeatureExtractor', 'fit_box', 'fit_image',
            'load_reference', 'load_wav', 'fit_wav', 'load_pose', 'Segment', 'plan_segments', 'OmniHumanOutput',
            'OmniHumanPipeline', 'build_pipeline', 'perturb_weights', 'cfg_schedule', 'GenerationPlan', 'dit_velocity',
-           'separate_velocity', 'plan_info', 'export_mp4', 'assemble_pipeline', 'load_pipeline', 'generate']
+           'separate_velocity', 'plan_info', 'export_mp4', 'assemble_pipeline', 'sampling_defaults', 'load_pipeline',
+           'generate']
 
 # %% ../nbs/10_pipeline.ipynb #c9e61f5e
 import dataclasses, json, math, os, statistics, tempfile, time
@@ -202,11 +203,13 @@ class OmniHumanPipeline(DiffusionPipeline):
                  motion:str="pixels",       # "pixels": re-encode the last motion_frames frames; "latents": one latent stream, motion = its last motion_latents; "none": no motion frames (each segment from the reference alone)
                  motion_latents:int=1,      # latent frames of motion context in "latents" mode (what chapter 09's trainer feeds)
                  decode_chunk:int=4,        # latent frames decoded at a time: bounds memory within a segment; any value gives the same frames
-                 shift:float|None=None):    # time shift; None: from the token count (`flow.shift_for_tokens`)
+                 shift:float|None=None,     # time shift; None: from the token count (`flow.shift_for_tokens`)
+                 steps:int=20,              # sampling steps per segment when a call names none
+                 noise_mix:float=0.0):      # share of every latent frame's starting noise drawn once per video (0: independent frames; see `iter_segments`)
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, audio_features=audio_features, scheduler=scheduler)
         self.register_to_config(height=height, width=width, segment_frames=segment_frames, motion_frames=motion_frames, motion=motion,
-                                motion_latents=motion_latents, decode_chunk=decode_chunk, shift=shift)
+                                motion_latents=motion_latents, decode_chunk=decode_chunk, shift=shift, steps=steps, noise_mix=noise_mix)
         vc, tc = vae.config, transformer.config
         check(vc.latent_channels == tc.in_channels, "transformer in_channels", f"the VAE's latent_channels {vc.latent_channels}", tc.in_channels)
         check((vc.spatial_compression, vc.temporal_compression) == (tc.vae_spatial, tc.vae_temporal), "transformer vae_spatial/vae_temporal",
@@ -219,6 +222,8 @@ class OmniHumanPipeline(DiffusionPipeline):
             v = self.config[k]
             check(isinstance(v, int) and v >= 1 and (v - 1) % t == 0, k, f"1 + {t}k frames", v)
         check(motion in ("pixels", "latents", "none"), "motion", "'pixels', 'latents' or 'none'", repr(motion))
+        check(isinstance(steps, int) and steps >= 1, "steps", "an int >= 1", steps)
+        check(isinstance(noise_mix, (int, float)) and 0 <= noise_mix < 1, "noise_mix", "a share in [0, 1)", noise_mix)
         check(isinstance(motion_latents, int) and motion_latents >= 1, "motion_latents", "an int >= 1", motion_latents)
         self.check_size(height, width)
 
@@ -313,6 +318,7 @@ class GenerationPlan:
     steps: int
     seed: int
     sampler: str                    # "euler" (flow.guided_sample) or "diffusers" (the scheduler component)
+    noise_mix: float = 0.0          # share of the starting noise shared by every latent frame
 
     @property
     def frames_generated(self)->int: return self.segments[-1].start + self.segments[-1].frames
@@ -331,12 +337,16 @@ def _frame_count(seconds, frames, wav, pose_len):
 # %% ../nbs/10_pipeline.ipynb #3927bc76
 @patch
 def prepare(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
-            steps:int=20, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0, sampler:str="euler",
-            height:int|None=None, width:int|None=None)->GenerationPlan:
+            steps:int|None=None, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0, sampler:str="euler",
+            height:int|None=None, width:int|None=None,
+            noise_mix:float|None=None)->GenerationPlan:   # steps, noise_mix: None takes the pipeline's config
     "Check and load every input, apply the activation rule and the size policy; no sampling yet."
     H, W = height or self.config.height, width or self.config.width
     self.check_size(H, W)
+    steps = self.config.get("steps", 20) if steps is None else steps
+    noise_mix = self.config.get("noise_mix", 0.0) if noise_mix is None else noise_mix
     check(isinstance(steps, int) and steps >= 1, "steps", "an int >= 1", steps)
+    check(isinstance(noise_mix, (int, float)) and 0 <= noise_mix < 1, "noise_mix", "a share in [0, 1)", noise_mix)
     check(sampler in ("euler", "diffusers"), "sampler", "'euler' or 'diffusers'", repr(sampler))
     check(text is None or isinstance(text, str), "text", "a string", type(text).__name__)
     ref = load_reference(ref_image, (H, W))
@@ -360,7 +370,7 @@ def prepare(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, p
     kind = anneal
     return GenerationPlan(ref, n, segs, given, active, text or "", wav, kp, vis,
                           cfg_schedule(cfg_audio if given["audio"] else 1.0, kind), cfg_schedule(cfg_text if given["text"] else 1.0, kind),
-                          steps, int(seed), sampler)
+                          steps, int(seed), sampler, float(noise_mix))
 
 # %% ../nbs/10_pipeline.ipynb #cebf6e2b
 def dit_velocity(dit:OmniHumanDiT, cond:dict)->Callable:
@@ -429,6 +439,8 @@ def iter_segments(self:OmniHumanPipeline, plan:GenerationPlan,
     ref = self.encode_frames(plan.ref[None])
     feats = self.audio_features(plan.wav, plan.frames_generated).to(dev) if plan.active["audio"] else None
     gen, prev, z, n_seg = make_generator(plan.seed), None, None, len(plan.segments)
+    m = plan.noise_mix
+    shared = torch.randn((1, tc.in_channels, 1, H // vs, W // vs), generator=gen).to(dev) if m > 0 else None   # one latent frame's noise for the whole video
     self.vae.reset_stream()                                   # "latents" mode decodes one stream across segments
     try:
         for seg in plan.segments:
@@ -439,6 +451,7 @@ def iter_segments(self:OmniHumanPipeline, plan:GenerationPlan,
                         pose=pose_heatmaps(plan.keypoints[c], plan.visibility[c], (H, W))[None].to(dev) if plan.keypoints is not None else None)
             shape = (1, tc.in_channels, seg.latents, H // vs, W // vs)
             noise = torch.randn(shape, generator=gen).to(dev)
+            if shared is not None: noise = math.sqrt(m) * shared + math.sqrt(1 - m) * noise         # still N(0, 1) per value; frames correlate by m
             n_tok = shape[2] * shape[3] * shape[4] // math.prod(dit.patch)
             times = sampling_times(plan.steps, self.config.shift if self.config.shift is not None else shift_for_tokens(n_tok))
             last = [float(times[0]), noise]                     # (t, x) before the step: a step's x0 needs both ends
@@ -460,18 +473,19 @@ def iter_segments(self:OmniHumanPipeline, plan:GenerationPlan,
 # %% ../nbs/10_pipeline.ipynb #8217ea18
 @patch
 def __call__(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
-          steps:int=20, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0,
-          callback:Callable|None=None, sampler:str="euler", height:int|None=None, width:int|None=None)->OmniHumanOutput:
-    "Generate a video from a reference image and any of audio (wav path or 16 kHz array), text and pose (pose.json path)."
+          steps:int|None=None, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0,
+          callback:Callable|None=None, sampler:str="euler", height:int|None=None, width:int|None=None,
+          noise_mix:float|None=None)->OmniHumanOutput:
+    "Generate a video from a reference image and any of audio (wav path or 16 kHz array), text and pose (pose.json path); `steps` and `noise_mix` default to the pipeline's config."
     t0 = time.perf_counter()
-    plan = self.prepare(ref_image, audio, text, pose, seconds, frames, steps, cfg_audio, cfg_text, anneal, seed, sampler, height, width)
+    plan = self.prepare(ref_image, audio, text, pose, seconds, frames, steps, cfg_audio, cfg_text, anneal, seed, sampler, height, width, noise_mix)
     out = np.concatenate([f for _, f in self.iter_segments(plan, callback)])
     wav = fit_wav(plan.wav, plan.n_frames) if plan.given["audio"] else None
     return OmniHumanOutput(out, wav, plan_info(plan, time.perf_counter() - t0))
 
 def plan_info(plan:GenerationPlan, elapsed:float|None=None)->dict:
     "A JSON-friendly summary of a plan (and its compute time)."
-    d = dict(frames=plan.n_frames, seconds=plan.n_frames / FPS, segments=len(plan.segments), steps=plan.steps, seed=plan.seed, sampler=plan.sampler,
+    d = dict(frames=plan.n_frames, seconds=plan.n_frames / FPS, segments=len(plan.segments), steps=plan.steps, noise_mix=plan.noise_mix, seed=plan.seed, sampler=plan.sampler,
              given=plan.given, active=plan.active, cfg_audio=plan.audio_cfg.to_dict(), cfg_text=plan.text_cfg.to_dict())
     if elapsed is not None: d.update(elapsed_s=elapsed, seconds_per_video_second=elapsed / d["seconds"])
     return d
@@ -587,17 +601,29 @@ def assemble_pipeline(dit:str|Path,                  # a DiT folder, a trainer c
 import omnihuman_nb
 SHIPPED_WEIGHTS = Path(omnihuman_nb.__file__).resolve().parent / "assets" / "classroom"   # the classroom bundle (chapter 15)
 
+def sampling_defaults(folder)->dict:
+    "The sampling settings a bundle's `recipe.json` names for its weights (`sample_steps`, `noise_mix`; chapter 15), as pipeline config keys."
+    f = Path(folder) / "recipe.json"
+    if not f.is_file(): return {}
+    r = json.loads(f.read_text())
+    return {k: r[rk] for k, rk in (("steps", "sample_steps"), ("noise_mix", "noise_mix")) if r.get(rk) is not None}
+
 def load_pipeline(model:str|Path|None=None,   # a pipeline folder, a bundle (dit/ + vae/), a `demo --train` run, or None: the shipped weights
                   device:str="auto")->OmniHumanPipeline:
-    "A ready pipeline from any of the shapes weights come in; a folder that is none of them is a `BadInputError` that says what would do."
+    "A ready pipeline from any of the shapes weights come in, sampling as its bundle's recipe says; a folder that is none of them is a `BadInputError` that says what would do."
     p = Path(model) if model is not None else SHIPPED_WEIGHTS
     check(p.is_dir(), "model", "a pipeline folder, a bundle with dit/ and vae/, or a `demo --train` run", f"{p} (not a folder)")
     for d in (p, p / "pipeline"):
-        if (d / "model_index.json").is_file(): return OmniHumanPipeline.from_pretrained(d).to(get_device(device))
+        if (d / "model_index.json").is_file():
+            pipe = OmniHumanPipeline.from_pretrained(d).to(get_device(device))
+            pipe.register_to_config(**sampling_defaults(p))
+            return pipe
     vae_ok = (p / "vae" / "config.json").is_file() or (p / "vae" / "vae" / "config.json").is_file()
     check(vae_ok and (p / "dit").is_dir(), "model", "a pipeline folder (model_index.json), a bundle with dit/ and vae/, or a `demo --train` run", str(p),
           hint="A DiT training run alone has no VAE: `omnihuman pipeline assemble --dit RUN --vae VAE --out PIPE` makes a pipeline folder of it.")
-    return assemble_pipeline(p / "dit", p / "vae").to(get_device(device))
+    pipe = assemble_pipeline(p / "dit", p / "vae").to(get_device(device))
+    pipe.register_to_config(**sampling_defaults(p))
+    return pipe
 
 # %% ../nbs/10_pipeline.ipynb #a28a3c3e
 def generate(ref:str|Path,                  # reference image
@@ -605,11 +631,12 @@ def generate(ref:str|Path,                  # reference image
              text:str|None=None,            # caption
              pose:str|Path|None=None,       # pose.json
              seconds:float|None=None,       # duration; None: the audio's, else the pose's
-             steps:int=20,                  # Euler steps per segment
+             steps:int|None=None,           # Euler steps per segment; None: the weights' own (the pipeline's config)
              cfg_audio:float=3.0,           # audio guidance scale at the first step
              cfg_text:float=2.0,            # text guidance scale at the first step
              anneal:str="linear",           # how the scales fall: "linear", "cosine" or "none"
              seed:int=0,
+             noise_mix:float|None=None,     # share of the starting noise all frames share; None: the weights' own
              out:str|Path="out.mp4",        # the video to write (never left partial)
              sampler:str="euler",           # "euler" or "diffusers"
              device:str="auto",
@@ -617,8 +644,8 @@ def generate(ref:str|Path,                  # reference image
     "Generate a video with sound, with a progress bar over segments and steps; returns a summary."
     t0 = time.perf_counter()
     pipe = load_pipeline(model_dir, device)
-    plan = pipe.prepare(ref, audio, text, pose, seconds, None, steps, cfg_audio, cfg_text, anneal, seed, sampler)
-    bar = tqdm(total=len(plan.segments) * steps, desc=f"generate {len(plan.segments)} segment(s) x {steps} steps", unit="step")
+    plan = pipe.prepare(ref, audio, text, pose, seconds, None, steps, cfg_audio, cfg_text, anneal, seed, sampler, noise_mix=noise_mix)
+    bar = tqdm(total=len(plan.segments) * plan.steps, desc=f"generate {len(plan.segments)} segment(s) x {plan.steps} steps", unit="step")
     def tick(d):
         bar.update(1); bar.set_postfix_str(f"segment {d['segment'] + 1}/{d['segments']}")
     try: path = export_mp4((f for _, f in pipe.iter_segments(plan, tick)), fit_wav(plan.wav, plan.n_frames) if plan.given["audio"] else None, out)
