@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['COMPONENTS', 'TINY', 'ANNEAL', 'SHIPPED_WEIGHTS', 'TextEncoderModel', 'AudioFeatureExtractor', 'fit_box', 'fit_image',
            'load_reference', 'load_wav', 'fit_wav', 'load_pose', 'Segment', 'plan_segments', 'OmniHumanOutput',
-           'OmniHumanPipeline', 'build_pipeline', 'perturb_weights', 'cfg_schedule', 'GenerationPlan', 'dit_velocity',
-           'separate_velocity', 'plan_info', 'export_mp4', 'assemble_pipeline', 'sampling_defaults', 'load_pipeline',
-           'generate']
+           'check_sampling', 'OmniHumanPipeline', 'build_pipeline', 'perturb_weights', 'cfg_schedule', 'GenerationPlan',
+           'dit_velocity', 'separate_velocity', 'plan_info', 'export_mp4', 'assemble_pipeline', 'sampling_defaults',
+           'load_pipeline', 'generate']
 
 # %% ../nbs/10_pipeline.ipynb #c9e61f5e
 import dataclasses, json, math, os, statistics, tempfile, time
@@ -190,6 +190,11 @@ class OmniHumanOutput(BaseOutput):
     audio: np.ndarray|None       # the driving audio cut or padded to the video (16 kHz), or None
     info: dict                   # conditions, scales, segments, seconds
 
+def check_sampling(steps, noise_mix):
+    "Sampling settings, whether from a pipeline's config or one call: steps an int >= 1, noise_mix a share in [0, 1)."
+    check(isinstance(steps, int) and steps >= 1, "steps", "an int >= 1", steps)
+    check(isinstance(noise_mix, (int, float)) and 0 <= noise_mix < 1, "noise_mix", "a share in [0, 1)", noise_mix)
+
 class OmniHumanPipeline(DiffusionPipeline):
     "Reference image + any of audio, text, pose -> video: flow-matching Euler steps with annealed audio/text CFG, segments chained by motion frames."
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -222,8 +227,7 @@ class OmniHumanPipeline(DiffusionPipeline):
             v = self.config[k]
             check(isinstance(v, int) and v >= 1 and (v - 1) % t == 0, k, f"1 + {t}k frames", v)
         check(motion in ("pixels", "latents", "none"), "motion", "'pixels', 'latents' or 'none'", repr(motion))
-        check(isinstance(steps, int) and steps >= 1, "steps", "an int >= 1", steps)
-        check(isinstance(noise_mix, (int, float)) and 0 <= noise_mix < 1, "noise_mix", "a share in [0, 1)", noise_mix)
+        check_sampling(steps, noise_mix)
         check(isinstance(motion_latents, int) and motion_latents >= 1, "motion_latents", "an int >= 1", motion_latents)
         self.check_size(height, width)
 
@@ -343,10 +347,9 @@ def prepare(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, p
     "Check and load every input, apply the activation rule and the size policy; no sampling yet."
     H, W = height or self.config.height, width or self.config.width
     self.check_size(H, W)
-    steps = self.config.get("steps", 20) if steps is None else steps
-    noise_mix = self.config.get("noise_mix", 0.0) if noise_mix is None else noise_mix
-    check(isinstance(steps, int) and steps >= 1, "steps", "an int >= 1", steps)
-    check(isinstance(noise_mix, (int, float)) and 0 <= noise_mix < 1, "noise_mix", "a share in [0, 1)", noise_mix)
+    steps = self.config.steps if steps is None else steps
+    noise_mix = self.config.noise_mix if noise_mix is None else noise_mix
+    check_sampling(steps, noise_mix)
     check(sampler in ("euler", "diffusers"), "sampler", "'euler' or 'diffusers'", repr(sampler))
     check(text is None or isinstance(text, str), "text", "a string", type(text).__name__)
     ref = load_reference(ref_image, (H, W))
@@ -613,17 +616,15 @@ def load_pipeline(model:str|Path|None=None,   # a pipeline folder, a bundle (dit
     "A ready pipeline from any of the shapes weights come in, sampling as its bundle's recipe says; a folder that is none of them is a `BadInputError` that says what would do."
     p = Path(model) if model is not None else SHIPPED_WEIGHTS
     check(p.is_dir(), "model", "a pipeline folder, a bundle with dit/ and vae/, or a `demo --train` run", f"{p} (not a folder)")
-    for d in (p, p / "pipeline"):
-        if (d / "model_index.json").is_file():
-            pipe = OmniHumanPipeline.from_pretrained(d).to(get_device(device))
-            pipe.register_to_config(**sampling_defaults(p))
-            return pipe
-    vae_ok = (p / "vae" / "config.json").is_file() or (p / "vae" / "vae" / "config.json").is_file()
-    check(vae_ok and (p / "dit").is_dir(), "model", "a pipeline folder (model_index.json), a bundle with dit/ and vae/, or a `demo --train` run", str(p),
-          hint="A DiT training run alone has no VAE: `omnihuman pipeline assemble --dit RUN --vae VAE --out PIPE` makes a pipeline folder of it.")
-    pipe = assemble_pipeline(p / "dit", p / "vae").to(get_device(device))
+    folder = next((d for d in (p, p / "pipeline") if (d / "model_index.json").is_file()), None)
+    if folder is not None: pipe = OmniHumanPipeline.from_pretrained(folder)
+    else:
+        vae_ok = (p / "vae" / "config.json").is_file() or (p / "vae" / "vae" / "config.json").is_file()
+        check(vae_ok and (p / "dit").is_dir(), "model", "a pipeline folder (model_index.json), a bundle with dit/ and vae/, or a `demo --train` run", str(p),
+              hint="A DiT training run alone has no VAE: `omnihuman pipeline assemble --dit RUN --vae VAE --out PIPE` makes a pipeline folder of it.")
+        pipe = assemble_pipeline(p / "dit", p / "vae")
     pipe.register_to_config(**sampling_defaults(p))
-    return pipe
+    return pipe.to(get_device(device))
 
 # %% ../nbs/10_pipeline.ipynb #a28a3c3e
 def generate(ref:str|Path,                  # reference image
