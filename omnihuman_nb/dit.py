@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['TOKEN_GROUPS', 'TYPE_IDS', 'OPS', 'DEFAULT_BACKENDS', 'CONDITIONS', 'MINILM_PACKAGE', 'DATA_PREDICTION_MIN_T',
-           'GATE_INIT', 'AUDIO_FEATURES', 'POSE_KEYPOINTS', 'DIT_CONFIGS', 'TOKEN_PIXELS', 'patchify', 'unpatchify',
-           'TokenLayout', 'stream_positions', 'rope_split_for', 'timestep_embedding', 'TimestepEmbedder',
-           'audio_windows', 'latent_frame_groups', 'AudioProjector', 'PoseGuider', 'resolve_backends', 'StreamWeights',
-           'AudioCrossAttention', 'BlockInputs', 'MMDiTBlock', 'valid_key_order', 'default_text_encoder', 'DiTOutput',
-           'OmniHumanDiT', 'fit_to_vae', 'dit_config', 'build_dit', 'parameter_counts']
+           'GATE_INIT', 'REFINER_GATE_GAIN', 'AUDIO_FEATURES', 'POSE_KEYPOINTS', 'DIT_CONFIGS', 'TOKEN_PIXELS',
+           'patchify', 'unpatchify', 'TokenLayout', 'stream_positions', 'rope_split_for', 'timestep_embedding',
+           'TimestepEmbedder', 'audio_windows', 'latent_frame_groups', 'AudioProjector', 'PoseGuider',
+           'resolve_backends', 'StreamWeights', 'AudioCrossAttention', 'BlockInputs', 'MMDiTBlock', 'valid_key_order',
+           'default_text_encoder', 'DiTOutput', 'OmniHumanDiT', 'LatentRefiner', 'fit_to_vae', 'dit_config',
+           'build_dit', 'parameter_counts']
 
 # %% ../nbs/06_dit.ipynb #7090328a
 import dataclasses, contextlib, json, math, time
@@ -357,6 +358,7 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
                  ref_std:float=0.5,              # precondition: spread of clean latents around the reference latent (sets c_out)
                  guess_std:float|None=None,      # precondition: the spread the linear guess assumes with a reference (None: ref_std); smaller trusts x_t only near t = 0
                  skip_gate:bool=False,           # precondition "linear": the network gates the guess's x_t term per latent (0: trust the reference there)
+                 refiner_width:int=0,            # with prediction="data": width of the conv refiner at latent resolution (0: none)
                  eps:float=1e-6,                 # norm epsilon
                  backends:dict|None=None):       # op -> backend, see `resolve_backends`
         super().__init__()
@@ -369,6 +371,8 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
               (data_std, ref_std, guess_std))
         check(not skip_gate or precondition == "linear", "skip_gate", "False unless precondition='linear' (it gates the linear guess)",
               f"skip_gate=True with precondition={precondition!r}")
+        check(refiner_width == 0 or prediction == "data", "refiner_width", "0 unless prediction='data' (the refiner corrects predicted clean latents)",
+              f"refiner_width={refiner_width} with prediction={prediction!r}")
         head_dim = hidden_size // num_heads
         self.patch = _triple(patch_size)
         self.rope_split = tuple(rope_split) if rope_split is not None else rope_split_for(head_dim)
@@ -392,6 +396,8 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
         self.final_mod = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj_out = nn.Linear(hidden_size, p * in_channels)
         self.gate_out = nn.Linear(hidden_size, p * in_channels) if skip_gate else None   # logits of the x_t gate, one per latent value
+        self.refiner = (LatentRefiner(in_channels, self.pose_guider.out_dim if pose_keypoints else 0, refiner_width)
+                        if refiner_width else None)        # a conv net over the predicted clean latents (see below)
         self.gradient_checkpointing = False
         self._init_weights()
 
@@ -403,6 +409,7 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
         zero = [self.final_mod, self.proj_out] + [b.txt.mod for b in self.blocks] + [b.vid.mod for b in self.blocks]
         zero += [b.audio.out for b in self.blocks if b.audio is not None] + ([self.pose_embed] if self.pose_embed is not None else [])
         for m in zero: nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+        if self.refiner is not None: self.refiner.reset_output()
         if self.gate_out is not None:   # the gate starts open everywhere (sigmoid(4) = 0.98): the plain linear guess
             nn.init.zeros_(self.gate_out.weight); nn.init.constant_(self.gate_out.bias, GATE_INIT)
 
@@ -443,20 +450,23 @@ def _switches(self:OmniHumanDiT, B:int, device, given:dict, condition_mask:dict|
 # %% ../nbs/06_dit.ipynb #fa7c783c
 @patch
 def _video_tokens(self:OmniHumanDiT, latents, ref, motion, pose, on):
-    "The video stream `ref | motion | noisy` (B, Nv, hidden) and its layout (without text)."
+    "The video stream `ref | motion | noisy` (B, Nv, hidden), its layout (without text), and the pose features where pose is on (else None)."
     cfg, (pt, ph, pw) = self.config, self.patch
     dims = check_shape(latents, ("B", "C", "T", "H", "W"), "latents")
     check(dims["C"] == cfg.in_channels, "latents channels", f"{cfg.in_channels}, the config's in_channels", dims["C"],
           hint="The DiT's in_channels must equal the VAE's latent_channels.")
     B, C, T, H, W = dims.values()
     x = self.patch_embed(patchify(latents, self.patch)) + self.type_embed[TYPE_IDS["noisy"]]
+    feats = None
     if on["pose"] is not None:
         vt, vs = cfg.vae_temporal, cfg.vae_spatial
         want = (1 + vt * (T - 1), H * vs, W * vs)
         check(tuple(pose.shape[2:]) == want and pose.shape[0] == B, "pose heatmaps (frames, height, width)",
               f"{want} for latents with {T} frames of {H}x{W}", tuple(pose.shape[2:]), hint="Pose heatmaps come one per video frame, at video resolution.")
-        pf = self.pose_embed(patchify(self.pose_guider(pose), self.patch, "pose features"))
+        feats = self.pose_guider(pose)                                      # (B, P, T', H, W): on the latent grid
+        pf = self.pose_embed(patchify(feats, self.patch, "pose features"))
         x = x + (pf if on["pose"] is True else torch.where(on["pose"][:, None, None], pf, torch.zeros_like(pf)))
+        if on["pose"] is not True: feats = torch.where(on["pose"].view(B, 1, 1, 1, 1), feats, torch.zeros_like(feats))
     parts, n = [], {}
     for name, lat in (("ref", ref), ("motion", motion)):
         n[name] = 0
@@ -465,7 +475,7 @@ def _video_tokens(self:OmniHumanDiT, latents, ref, motion, pose, on):
         if d["T"] % pt: lat = torch.cat([lat[:, :, :1].expand(-1, -1, pt - d["T"] % pt, -1, -1), lat], 2)   # fill the first token frame with frame 0
         parts.append(self.patch_embed(patchify(lat, self.patch, f"{name} latents")) + self.type_embed[TYPE_IDS[name]])
         n[name] = parts[-1].shape[1]
-    return torch.cat(parts + [x], 1), TokenLayout(0, n["ref"], n["motion"], (T // pt, H // ph, W // pw))
+    return torch.cat(parts + [x], 1), TokenLayout(0, n["ref"], n["motion"], (T // pt, H // ph, W // pw)), feats
 
 # %% ../nbs/06_dit.ipynb #1c0b43ba
 @patch
@@ -514,7 +524,7 @@ def forward(self:OmniHumanDiT,
     B, device, dtype = latents.shape[0], latents.device, latents.dtype
     given = dict(text=text, ref=ref, audio=audio, pose=pose, motion=motion)
     on = self._switches(B, device, given, condition_mask)
-    xv, lay = self._video_tokens(latents, ref, motion, pose, on)
+    xv, lay, pose_feats = self._video_tokens(latents, ref, motion, pose, on)
     xt, tvalid, pooled = self._text_tokens(text, text_lens, on, B, device, xv.dtype)
     lay.n_text = xt.shape[1]
     t = torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1).expand(B)
@@ -536,6 +546,7 @@ def forward(self:OmniHumanDiT,
     if self.config.precondition != "none":
         gate = None if self.gate_out is None else torch.sigmoid(unpatchify(self.gate_out(xn), lay.grid, self.patch, self.config.in_channels))
         sample = self._precondition(sample, latents, t, ref, on["ref"], gate)
+    if self.refiner is not None: sample = self.refiner(sample, latents, t, ref, on["ref"], pose_feats)
     if self.config.prediction == "data":   # the layer predicted clean latents x0; x_t = (1 - t) x0 + t e gives v = e - x0 = (x_t - x0) / t
         sample = (latents - sample) / t.clamp_min(DATA_PREDICTION_MIN_T).view(B, 1, 1, 1, 1).to(sample.dtype)
     out = DiTOutput(sample=sample, loss_mask=lay.loss_mask(B, device), layout=lay)
@@ -560,6 +571,48 @@ def _precondition(self:OmniHumanDiT, f:torch.Tensor, latents:torch.Tensor, t:tor
     if cfg.precondition == "ref": return (mu * (tt * tt / gden) + f).to(f.dtype)     # the guess's weight on the reference, nothing from x_t
     k = a * g2 / gden if gate is None else gate * (a * g2 / gden)                    # how much of x_t the guess takes
     return (mu + k * (latents - a * mu) + (s2.sqrt() * tt / den.sqrt()) * f).to(f.dtype)
+
+# %% ../nbs/06_dit.ipynb #21418eb6
+REFINER_GATE_GAIN = 8.0   # the refiner's copy-gate logit is this times its last conv's output: Adam's small steps move the gate fast
+
+class LatentRefiner(nn.Module):
+    "Three convs on the latent grid after the transformer: from the predicted clean latents, x_t, the reference, the pose features and t, a copy gate per latent pixel and a correction."
+    def __init__(self,
+                 channels:int,          # latent channels
+                 pose_dim:int=0,        # pose feature channels per latent frame (0: no pose)
+                 width:int=32):         # conv width
+        super().__init__()
+        self.channels, self.pose_dim = channels, pose_dim
+        self.net = nn.Sequential(nn.Conv2d(3 * channels + pose_dim + 1, width, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(width, channels + 1, 3, padding=1))          # correction (C) and gate logit (1)
+        self.reset_output()
+
+    def reset_output(self):
+        "Zero the last conv: no correction, and the copy gate at one half."
+        nn.init.zeros_(self.net[-1].weight); nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self,
+                x0:torch.Tensor,               # (B, C, T', H, W) predicted clean latents
+                xt:torch.Tensor,               # (B, C, T', H, W) the noisy latents they were predicted from
+                t:torch.Tensor,                # (B,) noise levels
+                ref:torch.Tensor|None=None,    # (B, C, Tr, H, W) reference latents (the last frame is used)
+                ref_on=None,                   # None (no reference), True, or (B,) bool: where the reference counts
+                pose:torch.Tensor|None=None)->torch.Tensor:   # (B, pose_dim, T', H, W) pose features (zero where off)
+        "Refined clean latents: `mu + g (x0 - mu) + delta`, with `mu` the reference (0 and g = 1 where it is off)."
+        check_shape(x0, ("B", self.channels, "T", "H", "W"), "predicted clean latents")
+        B, C, T, H, W = x0.shape
+        on = None if ref is None or ref_on is None else (torch.ones(B, dtype=torch.bool, device=x0.device) if ref_on is True else ref_on)
+        mu = x0.new_zeros(B, C, 1, H, W) if on is None else torch.where(on.view(B, 1, 1, 1, 1), ref[:, :, -1:].to(x0.dtype), 0.0)
+        mu = mu.expand_as(x0)
+        p = x0.new_zeros(B, self.pose_dim, T, H, W) if pose is None else pose.to(x0.dtype)
+        tt = t.to(x0.dtype).view(B, 1, 1, 1, 1).expand(B, 1, T, H, W)
+        z = torch.cat([x0, xt.to(x0.dtype), mu, p, tt], 1).transpose(1, 2).flatten(0, 1)   # latent frames in the batch
+        o = self.net(z).unflatten(0, (B, T)).transpose(1, 2)
+        g = torch.sigmoid(REFINER_GATE_GAIN * o[:, C:])
+        if on is None: g = torch.ones_like(g)
+        elif ref_on is not True: g = torch.where(on.view(B, 1, 1, 1, 1), g, torch.ones_like(g))
+        return mu + g * (x0 - mu) + o[:, :C]
 
 # %% ../nbs/06_dit.ipynb #8fdbdc10
 AUDIO_FEATURES = 128   # chapter 02: 4 log-mel frames x 32 bands per video frame

@@ -274,9 +274,10 @@ def region_figure(res:dict)->"go.Figure":
                              title=f"share of the flow-matching loss by region ({res['split']} clips)")
 
 # %% ../nbs/16_reliance.ipynb #2cf0af42
-def branch_point(dit_dir,            # a DiT folder with model/ (the shipped bundle's dit/, or a pipeline's)
-                 vae_dir,            # the VAE it was trained with
-                 out)->Path:         # where the checkpoint goes (made once, reused)
+def branch_point(dit_dir,                    # a DiT folder with model/ (the shipped bundle's dit/, or a pipeline's)
+                 vae_dir,                    # the VAE it was trained with
+                 out,                        # where the checkpoint goes (made once, reused)
+                 dit_overrides:dict|None=None)->Path:   # DiT settings that add modules (e.g. refiner_width=32): they start as a fresh model's
     "A trainer checkpoint made from a finished DiT folder, so `train(init_from=...)` can branch from it: float weights as both model and EMA, step 0, the VAE's id."
     from safetensors.torch import load_file, save_file
     src, out = Path(dit_dir), Path(out)
@@ -287,6 +288,16 @@ def branch_point(dit_dir,            # a DiT folder with model/ (the shipped bun
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))   # beside `out`, so publishing is one rename
     shutil.copytree(src / "model", tmp / "model", dirs_exist_ok=True)
     sd = {k: v.float().contiguous() for k, v in load_file(w).items()}
+    if dit_overrides:
+        from omnihuman_nb.dit import OmniHumanDiT
+        cfg = {**json.loads((tmp / "model" / "config.json").read_text()), **dit_overrides}
+        model = OmniHumanDiT.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+        try: left = model.load_state_dict(sd, strict=False).unexpected_keys
+        except RuntimeError as e: left = [str(e).splitlines()[-1].strip()]
+        if left: shutil.rmtree(tmp, ignore_errors=True)
+        check(not left, "dit_overrides", "settings that only add modules to the DiT (e.g. refiner_width)", f"{dit_overrides}, which leave {left[:2]}")
+        sd = {k: v.float().contiguous() for k, v in model.state_dict().items()}
+        (tmp / "model" / "config.json").write_text(json.dumps(cfg, indent=1))
     save_file(sd, tmp / "model" / "diffusion_pytorch_model.safetensors"); save_file(sd, tmp / "ema.safetensors")
     st = json.loads((src / "trainer_state.json").read_text()) if (src / "trainer_state.json").is_file() else {}
     st.update(step=0, vae_id=vae_fingerprint(vae_dir))
@@ -428,7 +439,7 @@ def guess_gain(pipe,                          # a pipeline whose DiT predicts cl
                split:str="heldout",           # "heldout", "train" or "all"
                ts=(0.1, 0.3, 0.5, 0.7, 0.9),  # noise levels (>= 0.05, where x0 = x_t - t v is exact)
                windows_per_clip:int=3, max_clips:int|None=8, n_frames:int=9, seed:int=0)->dict:
-    "Clean-latent error of the DiT's one-step prediction and of its linear guess alone, and the share of the noise each keeps, per noise level."
+    "Clean-latent error of the DiT's one-step prediction and of its linear guess alone, and the share of the noise each keeps, per noise level; the DiT's error also where the clip equals the reference (static) and where it does not (moving)."
     dit = pipe.transformer.eval()
     check(dit.config.prediction == "data" and dit.config.precondition == "linear", "pipeline's DiT", "prediction='data' with precondition='linear'",
           f"prediction={dit.config.prediction!r}, precondition={dit.config.precondition!r}")
@@ -438,6 +449,7 @@ def guess_gain(pipe,                          # a pipeline whose DiT predicts cl
     B = len(x0)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     kw = {k: b[k] for k in ("text", "text_lens", "ref", "motion", "audio", "pose", "condition_mask")}
+    static = ((x0 - b["ref"][:, :, -1:]).abs().amax(1, keepdim=True) < 1e-3).expand_as(x0)   # latent pixels that are the reference's
     rows = []
     for t in ts:
         tt = torch.full((B,), float(t))
@@ -449,13 +461,19 @@ def guess_gain(pipe,                          # a pipeline whose DiT predicts cl
             e = x - x0
             row[f"{name}_err"] = float(e.pow(2).mean().sqrt())
             row[f"{name}_noise"] = float((e * noise).sum() / (noise * noise).sum())             # share of the noise kept
+            if name == "model":
+                for part, m in (("static", static), ("moving", ~static)):
+                    row[f"model_err_{part}"] = float(e[m].pow(2).mean().sqrt()) if m.any() else None
         rows.append(row)
     still = float((b["ref"][:, :, -1:] - x0).pow(2).mean().sqrt())                            # the reference copied
-    return dict(rows=rows, windows=B, clips=w["clips"], split=split, still=still)
+    return dict(rows=rows, windows=B, clips=w["clips"], split=split, still=still, static_share=float(static.float().mean()))
 
 def guess_table(res:dict)->str:
     "`guess_gain` as a markdown table."
-    out = [f"{res['clips']} '{res['split']}' clips, {res['windows']} windows; clean-latent error rms (the reference copied: {res['still']:.3f})",
-           "| t | DiT error | guess alone | noise kept: DiT | guess alone |", "|---|---|---|---|---|"]
-    out += [f"| {r['t']:.1f} | {r['model_err']:.3f} | {r['guess_err']:.3f} | {r['model_noise']:+.3f} | {r['guess_noise']:+.3f} |" for r in res["rows"]]
+    f = lambda v: "-" if v is None else f"{v:.3f}"
+    out = [f"{res['clips']} '{res['split']}' clips, {res['windows']} windows; clean-latent error rms (the reference copied: {res['still']:.3f}); "
+           f"{res['static_share']:.0%} of the latent values are the reference's (static)",
+           "| t | DiT error | static / moving | guess alone | noise kept: DiT | guess alone |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['t']:.2f} | {r['model_err']:.3f} | {f(r['model_err_static'])} / {f(r['model_err_moving'])} | {r['guess_err']:.3f} | "
+            f"{r['model_noise']:+.3f} | {r['guess_noise']:+.3f} |" for r in res["rows"]]
     return "\n".join(out)

@@ -11,7 +11,7 @@ __all__ = ['PROBE_HEADS', 'TRAIN_CONFIGS', 'REGION_CONDITION', 'CONDITION_MODULE
            'latest_checkpoint', 'load_checkpoint', 'StopFlag', 'plot_curves', 'train']
 
 # %% ../nbs/09_trainer.ipynb #fe52e355
-import contextlib, dataclasses, hashlib, json, math, os, shutil, signal, tempfile, threading, time, warnings
+import contextlib, dataclasses, hashlib, inspect, json, math, os, shutil, signal, tempfile, threading, time, warnings
 from collections import Counter
 from pathlib import Path
 
@@ -128,7 +128,8 @@ class TrainConfig(Config):
 # %% ../nbs/09_trainer.ipynb #48c449e6
 TRAIN_CONFIGS = {"classroom": dict(dit_overrides=dict(prediction="data", precondition="linear", guess_std=0.25))}   # chapter 06 says why
 TRAIN_CONFIGS["demo"] = dict(TRAIN_CONFIGS["classroom"],                  # the recipe of the shipped weights: classroom, plus
-                             dit_overrides=dict(TRAIN_CONFIGS["classroom"]["dit_overrides"], skip_gate=True),   # the x_t gate (chapter 06),
+                             dit_overrides=dict(TRAIN_CONFIGS["classroom"]["dit_overrides"], skip_gate=True,    # the x_t gate and
+                                                refiner_width=32),                                             # the refiner (chapter 06),
                              stages=[*paper_stages(), probe_stage()],     # the paper's stages, then the driven stage the probes read,
                              region_weights=dict(mouth=30.0, limbs=3.0))  # and the mouth and limbs weigh more (chapter 16)
 # named configs; a JSON file path works too
@@ -597,7 +598,8 @@ def _init_checkpoint(init_from, model_cfg:dict, vae_id:str)->Path:
     ck = p if (p / "trainer_state.json").exists() else latest_checkpoint(p) if p.is_dir() else None
     check(ck is not None, "init_from", "a training run folder (with checkpoints/) or one checkpoint folder", str(p))
     saved = json.loads((ck / "model" / "config.json").read_text())
-    diff = sorted(k for k in model_cfg if k in saved and json.loads(json.dumps(saved[k])) != json.loads(json.dumps(model_cfg[k])))
+    defaults = {k: q.default for k, q in inspect.signature(OmniHumanDiT.__init__).parameters.items()}   # what an older config left out
+    diff = sorted(k for k in model_cfg if json.loads(json.dumps(saved.get(k, defaults.get(k)))) != json.loads(json.dumps(model_cfg[k])))
     check(not diff, "init_from", "a run with this run's DiT config", f"{ck} differs in {diff}")
     parent_vae = json.loads((ck / "trainer_state.json").read_text()).get("vae_id")
     check(parent_vae == vae_id, "init_from", f"a run trained on this VAE ({vae_id})", f"{ck} used VAE {parent_vae}")
