@@ -450,7 +450,7 @@ def _switches(self:OmniHumanDiT, B:int, device, given:dict, condition_mask:dict|
 # %% ../nbs/06_dit.ipynb #fa7c783c
 @patch
 def _video_tokens(self:OmniHumanDiT, latents, ref, motion, pose, on):
-    "The video stream `ref | motion | noisy` (B, Nv, hidden), its layout (without text), and the pose features where pose is on (else None)."
+    "The video stream `ref | motion | noisy` (B, Nv, hidden), its layout (without text), and the pose features for the refiner (zeroed where pose is off when there is one; None without pose)."
     cfg, (pt, ph, pw) = self.config, self.patch
     dims = check_shape(latents, ("B", "C", "T", "H", "W"), "latents")
     check(dims["C"] == cfg.in_channels, "latents channels", f"{cfg.in_channels}, the config's in_channels", dims["C"],
@@ -466,7 +466,7 @@ def _video_tokens(self:OmniHumanDiT, latents, ref, motion, pose, on):
         feats = self.pose_guider(pose)                                      # (B, P, T', H, W): on the latent grid
         pf = self.pose_embed(patchify(feats, self.patch, "pose features"))
         x = x + (pf if on["pose"] is True else torch.where(on["pose"][:, None, None], pf, torch.zeros_like(pf)))
-        if on["pose"] is not True: feats = torch.where(on["pose"].view(B, 1, 1, 1, 1), feats, torch.zeros_like(feats))
+        if on["pose"] is not True and self.refiner is not None: feats = torch.where(on["pose"].view(B, 1, 1, 1, 1), feats, torch.zeros_like(feats))
     parts, n = [], {}
     for name, lat in (("ref", ref), ("motion", motion)):
         n[name] = 0
