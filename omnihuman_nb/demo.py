@@ -40,6 +40,7 @@ class DemoRecipe(Config):
     stages: str = "1,2,3,4"                  # the config's stages to run
     sample_steps: int = 3                    # Euler steps per segment the weights sample with (`load_pipeline` reads it; chapter 16)
     noise_mix: float = 0.9                   # share of the starting noise every frame shares (chapter 10's `noise_mix`; chapter 16)
+    cfg_pose: float = 2.0                    # pose guidance scale the weights sample with (chapter 08; chapter 16 picks it on a validation render)
 
 _RUN_PARTS = ("data", "vae", "dit", "pipeline")
 
@@ -241,7 +242,7 @@ def demo(out="outputs/demo",             # where the videos, metrics.json and re
         for job in tqdm(jobs, desc="demo videos", disable=not verbose):
             results.append(run_job(pipe, job, out, steps, seed))
     shipped = CLASSROOM_DIR / "metrics.json"
-    info = dict(weights=str(weights), steps=steps or pipe.config.steps, noise_mix=pipe.config.noise_mix, seed=seed, max_seconds=max_seconds, device=str(pipe.device), threads=torch.get_num_threads(),
+    info = dict(weights=str(weights), steps=steps or pipe.config.steps, noise_mix=pipe.config.noise_mix, cfg_pose=pipe.config.get("cfg_pose", 1.0), seed=seed, max_seconds=max_seconds, device=str(pipe.device), threads=torch.get_num_threads(),
                 minutes=round((time.perf_counter() - t0) / 60, 2), trained=trained,
                 shipped_scores=json.loads(shipped.read_text())["targets"] if weights != CLASSROOM_DIR and shipped.is_file() else None)
     keep = lambda m: {k: v for k, v in m.items() if not isinstance(v, dict)}

@@ -123,29 +123,34 @@ def active_conditions(*requested:str)->dict[str, bool]:
     return {c: i <= strongest for i, c in enumerate(CONDITIONS)}
 
 # %% ../nbs/08_flow.ipynb #b909dba3
-def guidance_branches(s_audio:float, s_text:float)->list[dict[str, bool]]:
-    "The (audio, text) on/off settings that CFG with these scales needs, conditional first."
-    br = [dict(audio=True, text=True)]
-    if s_audio != 1 or s_text != 1: br.append(dict(audio=False, text=True))
-    if s_text != 1: br.append(dict(audio=False, text=False))
+def guidance_branches(s_audio:float, s_text:float, s_pose:float=1.0)->list[dict[str, bool]]:
+    "The (audio, text, pose) on/off settings that CFG with these scales needs, conditional first."
+    br = [dict(audio=True, text=True, pose=True)]
+    if s_audio != 1 or s_text != 1: br.append(dict(audio=False, text=True, pose=True))
+    if s_text != 1: br.append(dict(audio=False, text=False, pose=True))
+    if s_pose != 1: br.append(dict(audio=True, text=True, pose=False))
     return br
 
-def guided_velocity(velocity:Callable,   # velocity(x, t, audio_on, text_on) -> v; the last two are bool (B,)
+def guided_velocity(velocity:Callable,   # velocity(x, t, audio_on, text_on[, pose_on]) -> v; the flags are bool (B,); pose_on is passed only when the pose is guided
                     x:torch.Tensor,       # (B, ...)
                     t:torch.Tensor,       # (B,)
                     s_audio:float=1.0,    # audio guidance scale (1: no guidance)
-                    s_text:float=1.0      # text guidance scale (1: no guidance)
+                    s_text:float=1.0,     # text guidance scale (1: no guidance)
+                    s_pose:float=1.0      # pose guidance scale (1: no guidance, no extra branch)
                    )->torch.Tensor:
-    "Multi-condition CFG: `v0 + s_text (vT - v0) + s_audio (vTA - vT)`, all branches in one batched call."
-    br = guidance_branches(s_audio, s_text)
+    "Multi-condition CFG: `v0 + s_text (vT - v0) + s_audio (vTA - vT)`, plus `(s_pose - 1) (vTA - vTA without the pose)`; all branches in one batched call."
+    br = guidance_branches(s_audio, s_text, s_pose)
     B, k = x.shape[0], len(br)
-    audio_on = torch.tensor([b["audio"] for b in br], device=x.device).repeat_interleave(B)
-    text_on = torch.tensor([b["text"] for b in br], device=x.device).repeat_interleave(B)
-    v = velocity(x.repeat(k, *[1] * (x.ndim - 1)), t.repeat(k), audio_on, text_on).chunk(k)
-    if k == 1: return v[0]
-    v_ta, v_t = v[0], v[1]
-    v_0 = v[2] if k == 3 else v_t
-    return v_0 + s_text * (v_t - v_0) + s_audio * (v_ta - v_t)
+    flag = lambda c: torch.tensor([b[c] for b in br], device=x.device).repeat_interleave(B)
+    extra = dict(pose_on=flag("pose")) if s_pose != 1 else {}
+    v = velocity(x.repeat(k, *[1] * (x.ndim - 1)), t.repeat(k), flag("audio"), flag("text"), **extra).chunk(k)
+    out = v[0]
+    if s_audio != 1 or s_text != 1:
+        v_t = v[1]
+        v_0 = v[2] if s_text != 1 else v_t
+        out = v_0 + s_text * (v_t - v_0) + s_audio * (v[0] - v_t)
+    if s_pose != 1: out = out + (s_pose - 1) * (v[0] - v[-1])
+    return out
 
 # %% ../nbs/08_flow.ipynb #99cce9fc
 @dataclasses.dataclass
@@ -166,19 +171,20 @@ class GuidanceSchedule(Config):
         return [self.start + (end - self.start) * f for f in fr]
 
 # %% ../nbs/08_flow.ipynb #9e18e3c5
-def guided_sample(velocity:Callable,                    # velocity(x, t, audio_on, text_on) -> v
+def guided_sample(velocity:Callable,                    # velocity(x, t, audio_on, text_on[, pose_on]) -> v
                   noise:torch.Tensor,                   # start at t = 1
                   times:torch.Tensor,                   # from `sampling_times`
                   audio_cfg:GuidanceSchedule|None=None, # None: no audio guidance (constant 1)
                   text_cfg:GuidanceSchedule|None=None,  # None: no text guidance (constant 1)
-                  callback:Callable|None=None           # callback(step, t, x)
+                  callback:Callable|None=None,          # callback(step, t, x)
+                  pose_cfg:GuidanceSchedule|None=None   # None: no pose guidance (constant 1)
                  )->torch.Tensor:
-    "Euler sampling with multi-condition CFG whose scales follow the two schedules."
+    "Euler sampling with multi-condition CFG whose scales follow the schedules."
     n = len(times) - 1
     off = GuidanceSchedule(1.0, kind="constant")
-    sa, st = (audio_cfg or off).scales(n), (text_cfg or off).scales(n)
+    sa, st, sp = (audio_cfg or off).scales(n), (text_cfg or off).scales(n), (pose_cfg or off).scales(n)
     step = iter(range(n))
     def v(x, t):
         i = next(step)
-        return guided_velocity(velocity, x, t, sa[i], st[i])
+        return guided_velocity(velocity, x, t, sa[i], st[i], sp[i])
     return euler_sample(v, noise, times, callback)

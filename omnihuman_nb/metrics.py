@@ -581,6 +581,7 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
                    steps:int|None=None,           # Euler steps per segment (None: the pipeline's own)
                    cfg_audio:float=3.0, cfg_text:float=2.0,
                    anneal:str="linear",           # CFG annealing: "linear", "cosine" or "none" (constant scales)
+                   cfg_pose:float|None=None,      # pose guidance in pose-driven videos (None: the pipeline's own)
                    seed:int=0,
                    modes:tuple|None=None,         # generate only these of ("audio", "pose", "text"); clips without them are skipped
                    max_lag:int=5,                 # sync lag search, frames each way
@@ -619,7 +620,7 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
     gen_rows, gen_feats = [], []
     for i, mode in tqdm(jobs, desc=f"generating {len(jobs)} videos from {len(clips)} held-out clips", disable=not verbose):
         c = loaded[i]; T, H, W = c.video.shape[:3]
-        kw = dict(text=c.caption or None, frames=T, steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed)
+        kw = dict(text=c.caption or None, frames=T, steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed, cfg_pose=cfg_pose)
         if mode in ("audio", "pose") and c.audio is not None: kw["audio"] = c.audio
         if mode == "pose": kw["pose"] = (c.keypoints, c.visibility, (H, W))
         with torch.no_grad(): frames = pipe(c.video[0], **kw).frames[:T]
@@ -641,7 +642,8 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
     gen["flicker"], real["flicker"] = gen["flicker_raw"] / max(real["flicker_raw"], 1e-9), 1.0
     real["hand_var"] = _mean([r["hand_var"] for r, c in zip(real_rows, loaded) if c.audio is not None])   # the clips audio-driven videos copy
     res = dict(gen, model=str(model_dir) if not isinstance(model_dir, OmniHumanPipeline) else "pipeline", data=str(data_dir), clips=len(clips), videos={m: sum(j[1] == m for j in jobs) for m in ("audio", "pose", "text")},
-               steps=steps or pipe.config.steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed, seconds=round(time.perf_counter() - t0, 1), real=real, still=still,
+               steps=steps or pipe.config.steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed,
+               cfg_pose=pipe.config.get("cfg_pose", 1.0) if cfg_pose is None else cfg_pose, seconds=round(time.perf_counter() - t0, 1), real=real, still=still,
                per_video=[{k: v for k, v in r.items() if k != "sync_curve"} for r in gen_rows])
     if verbose:
         print(f"{len(jobs)} videos ({', '.join(f'{n} {m}' for m, n in res['videos'].items() if n)}) from {len(clips)} held-out clips of {data_dir}")
@@ -659,6 +661,7 @@ def evaluate(video=None,                   # one video to score (mode 1) ...
              max_lag:int=5,                # sync lag search, frames each way
              segment_frames:int|None=None, # identity drift segment length (mode 1 default 25; mode 2: the pipeline's segments)
              max_clips:int|None=None, steps:int|None=None, cfg_audio:float=3.0, cfg_text:float=2.0, seed:int=0,   # mode 2
+             cfg_pose:float|None=None,     # mode 2: pose guidance (None: the pipeline's own)
              device:str="auto",            # mode 2
              probes=None,                  # probe weights (None: the shipped ones)
              verbose:bool=True)->dict:
@@ -674,4 +677,4 @@ def evaluate(video=None,                   # one video to score (mode 1) ...
     extra = {k: v for k, v in dict(audio=audio, pose=pose, ref=ref, real=real).items() if v is not None}
     check(not extra, "model evaluation", "no --audio/--pose/--ref/--real (they come from each held-out clip)", sorted(extra))
     return evaluate_model(model_dir, data_dir, json_path, max_clips=max_clips, steps=steps, cfg_audio=cfg_audio, cfg_text=cfg_text,
-                          seed=seed, max_lag=max_lag, segment_frames=segment_frames, probes=probes, device=device, verbose=verbose)
+                          cfg_pose=cfg_pose, seed=seed, max_lag=max_lag, segment_frames=segment_frames, probes=probes, device=device, verbose=verbose)

@@ -210,11 +210,12 @@ class OmniHumanPipeline(DiffusionPipeline):
                  decode_chunk:int=4,        # latent frames decoded at a time: bounds memory within a segment; any value gives the same frames
                  shift:float|None=None,     # time shift; None: from the token count (`flow.shift_for_tokens`)
                  steps:int=20,              # sampling steps per segment when a call names none
-                 noise_mix:float=0.0):      # share of every latent frame's starting noise drawn once per video (0: independent frames; see `iter_segments`)
+                 noise_mix:float=0.0,       # share of every latent frame's starting noise drawn once per video (0: independent frames; see `iter_segments`)
+                 cfg_pose:float=1.0):       # pose guidance scale when a call names none (1: none; `flow.guided_velocity`)
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, audio_features=audio_features, scheduler=scheduler)
         self.register_to_config(height=height, width=width, segment_frames=segment_frames, motion_frames=motion_frames, motion=motion,
-                                motion_latents=motion_latents, decode_chunk=decode_chunk, shift=shift, steps=steps, noise_mix=noise_mix)
+                                motion_latents=motion_latents, decode_chunk=decode_chunk, shift=shift, steps=steps, noise_mix=noise_mix, cfg_pose=cfg_pose)
         vc, tc = vae.config, transformer.config
         check(vc.latent_channels == tc.in_channels, "transformer in_channels", f"the VAE's latent_channels {vc.latent_channels}", tc.in_channels)
         check((vc.spatial_compression, vc.temporal_compression) == (tc.vae_spatial, tc.vae_temporal), "transformer vae_spatial/vae_temporal",
@@ -228,6 +229,7 @@ class OmniHumanPipeline(DiffusionPipeline):
             check(isinstance(v, int) and v >= 1 and (v - 1) % t == 0, k, f"1 + {t}k frames", v)
         check(motion in ("pixels", "latents", "none"), "motion", "'pixels', 'latents' or 'none'", repr(motion))
         check_sampling(steps, noise_mix)
+        check(isinstance(cfg_pose, (int, float)) and math.isfinite(cfg_pose) and cfg_pose >= 0, "cfg_pose", "a finite number >= 0 (1: no pose guidance)", cfg_pose)
         check(isinstance(motion_latents, int) and motion_latents >= 1, "motion_latents", "an int >= 1", motion_latents)
         self.check_size(height, width)
 
@@ -323,6 +325,7 @@ class GenerationPlan:
     seed: int
     sampler: str                    # "euler" (flow.guided_sample) or "diffusers" (the scheduler component)
     noise_mix: float = 0.0          # share of the starting noise shared by every latent frame
+    pose_cfg: GuidanceSchedule = dataclasses.field(default_factory=lambda: GuidanceSchedule(1.0, kind="constant"))   # pose guidance (constant)
 
     @property
     def frames_generated(self)->int: return self.segments[-1].start + self.segments[-1].frames
@@ -343,13 +346,16 @@ def _frame_count(seconds, frames, wav, pose_len):
 def prepare(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
             steps:int|None=None, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0, sampler:str="euler",
             height:int|None=None, width:int|None=None,
-            noise_mix:float|None=None)->GenerationPlan:   # steps, noise_mix: None takes the pipeline's config
+            noise_mix:float|None=None,
+            cfg_pose:float|None=None)->GenerationPlan:   # steps, noise_mix, cfg_pose: None takes the pipeline's config
     "Check and load every input, apply the activation rule and the size policy; no sampling yet."
     H, W = height or self.config.height, width or self.config.width
     self.check_size(H, W)
     steps = self.config.steps if steps is None else steps
     noise_mix = self.config.noise_mix if noise_mix is None else noise_mix
+    cfg_pose = self.config.get("cfg_pose", 1.0) if cfg_pose is None else cfg_pose
     check_sampling(steps, noise_mix)
+    pose_cfg = cfg_schedule(cfg_pose, "none")             # constant over the steps
     check(sampler in ("euler", "diffusers"), "sampler", "'euler' or 'diffusers'", repr(sampler))
     check(text is None or isinstance(text, str), "text", "a string", type(text).__name__)
     ref = load_reference(ref_image, (H, W))
@@ -373,50 +379,55 @@ def prepare(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, p
     kind = anneal
     return GenerationPlan(ref, n, segs, given, active, text or "", wav, kp, vis,
                           cfg_schedule(cfg_audio if given["audio"] else 1.0, kind), cfg_schedule(cfg_text if given["text"] else 1.0, kind),
-                          steps, int(seed), sampler, float(noise_mix))
+                          steps, int(seed), sampler, float(noise_mix), pose_cfg if given["pose"] else GuidanceSchedule(1.0, kind="constant"))
 
 # %% ../nbs/10_pipeline.ipynb #cebf6e2b
 def dit_velocity(dit:OmniHumanDiT, cond:dict)->Callable:
-    "The DiT as `velocity(x, t, audio_on, text_on)` for `flow.guided_velocity`: conditions (batch 1) broadcast to the CFG batch, audio and text switched per row."
-    def velocity(x, t, audio_on, text_on):
+    "The DiT as `velocity(x, t, audio_on, text_on[, pose_on])` for `flow.guided_velocity`: conditions (batch 1) broadcast to the CFG batch, audio, text (and pose, when guided) switched per row."
+    def velocity(x, t, audio_on, text_on, pose_on=None):
         n = x.shape[0]
         rep = lambda z: None if z is None else z.expand(n, *z.shape[1:])
-        mask = {k: on for k, on in (("audio", audio_on), ("text", text_on)) if cond.get(k) is not None}
+        mask = {k: on for k, on in (("audio", audio_on), ("text", text_on), ("pose", pose_on)) if on is not None and cond.get(k) is not None}
         return dit(latents=x, timestep=t, text=rep(cond.get("text")), text_lens=rep(cond.get("text_lens")), ref=rep(cond.get("ref")),
                    motion=rep(cond.get("motion")), audio=rep(cond.get("audio")), pose=rep(cond.get("pose")), condition_mask=mask).sample
     return velocity
 
 # %% ../nbs/10_pipeline.ipynb #748a60c6
-def separate_velocity(velocity:Callable, x:torch.Tensor, t:torch.Tensor, s_audio:float=1.0, s_text:float=1.0)->torch.Tensor:
+def separate_velocity(velocity:Callable, x:torch.Tensor, t:torch.Tensor, s_audio:float=1.0, s_text:float=1.0, s_pose:float=1.0)->torch.Tensor:
     "The same multi-condition CFG as `flow.guided_velocity`, one forward per branch: the baseline batched CFG is measured against."
     n = x.shape[0]
     on, off = torch.ones(n, dtype=torch.bool, device=x.device), torch.zeros(n, dtype=torch.bool, device=x.device)
-    v_ta = velocity(x, t, on, on)
-    if s_audio == 1 and s_text == 1: return v_ta
-    v_t = velocity(x, t, off, on)
-    v_0 = velocity(x, t, off, off) if s_text != 1 else v_t
-    return v_0 + s_text * (v_t - v_0) + s_audio * (v_ta - v_t)
+    v_ta = velocity(x, t, on, on) if s_pose == 1 else velocity(x, t, on, on, on)
+    out = v_ta
+    if s_audio != 1 or s_text != 1:
+        v_t = velocity(x, t, off, on)
+        v_0 = velocity(x, t, off, off) if s_text != 1 else v_t
+        out = v_0 + s_text * (v_t - v_0) + s_audio * (v_ta - v_t)
+    if s_pose != 1: out = out + (s_pose - 1) * (v_ta - velocity(x, t, on, on, off))
+    return out
 
 # %% ../nbs/10_pipeline.ipynb #dddeb4eb
 @patch
-def sample_latents(self:OmniHumanPipeline, velocity:Callable,         # velocity(x, t, audio_on, text_on)
+def sample_latents(self:OmniHumanPipeline, velocity:Callable,         # velocity(x, t, audio_on, text_on[, pose_on])
                    noise:torch.Tensor,              # x at t = 1
                    times:torch.Tensor,              # `flow.sampling_times`, already shifted
                    audio_cfg:GuidanceSchedule, text_cfg:GuidanceSchedule,
                    sampler:str="euler",             # "euler": flow.guided_sample; "diffusers": the scheduler component
-                   callback:Callable|None=None      # callback(step, t, x) after each step
+                   callback:Callable|None=None,     # callback(step, t, x) after each step
+                   pose_cfg:GuidanceSchedule|None=None   # None: no pose guidance
                   )->torch.Tensor:
     "Guided Euler sampling through either our sampler or diffusers' `FlowMatchEulerDiscreteScheduler`, given the same times."
-    if sampler == "euler": return guided_sample(velocity, noise, times, audio_cfg, text_cfg, callback)
+    if sampler == "euler": return guided_sample(velocity, noise, times, audio_cfg, text_cfg, callback, pose_cfg)
     n = len(times) - 1
     sa, st = audio_cfg.scales(n), text_cfg.scales(n)
+    sp = pose_cfg.scales(n) if pose_cfg is not None else [1.0] * n
     # the pipeline owns the shift: the scheduler takes our shifted times as its sigmas and shifts no further
     sch = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config, shift=1.0, use_dynamic_shifting=False)
     sch.set_timesteps(sigmas=times[:-1].numpy(), device=noise.device)
     x = noise
     for i, ts in enumerate(sch.timesteps):
         t = sch.sigmas[i].expand(x.shape[0]).to(x.device)
-        x = sch.step(guided_velocity(velocity, x, t, sa[i], st[i]), ts, x, return_dict=False)[0]
+        x = sch.step(guided_velocity(velocity, x, t, sa[i], st[i], sp[i]), ts, x, return_dict=False)[0]
         if callback is not None: callback(i, sch.sigmas[i + 1], x)
     return x
 
@@ -465,7 +476,7 @@ def iter_segments(self:OmniHumanPipeline, plan:GenerationPlan,
                 x0 = x - t * (x - x_prev) / (t - t0)               # x_t - t v, v the step's (guided) velocity: the data it aims at
                 last[:] = [t, x]
                 callback(dict(segment=seg.index, segments=n_seg, step=i, steps=plan.steps, t=t, latents=x, x0=x0))
-            z = self.sample_latents(dit_velocity(dit, cond), noise, times, plan.audio_cfg, plan.text_cfg, plan.sampler, cb)
+            z = self.sample_latents(dit_velocity(dit, cond), noise, times, plan.audio_cfg, plan.text_cfg, plan.sampler, cb, plan.pose_cfg)
             dc = self.config.decode_chunk
             if continuous:   # the decoder's frame caches carry on from the previous segment
                 prev = np.concatenate([_to_frames(self.vae.decode_next(self.vae.denormalize(z[:, :, a:a + dc]))) for a in range(0, seg.latents, dc)])
@@ -478,10 +489,10 @@ def iter_segments(self:OmniHumanPipeline, plan:GenerationPlan,
 def __call__(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
           steps:int|None=None, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0,
           callback:Callable|None=None, sampler:str="euler", height:int|None=None, width:int|None=None,
-          noise_mix:float|None=None)->OmniHumanOutput:
-    "Generate a video from a reference image and any of audio (wav path or 16 kHz array), text and pose (pose.json path); `steps` and `noise_mix` default to the pipeline's config."
+          noise_mix:float|None=None, cfg_pose:float|None=None)->OmniHumanOutput:
+    "Generate a video from a reference image and any of audio (wav path or 16 kHz array), text and pose (pose.json path); `steps`, `noise_mix` and `cfg_pose` default to the pipeline's config."
     t0 = time.perf_counter()
-    plan = self.prepare(ref_image, audio, text, pose, seconds, frames, steps, cfg_audio, cfg_text, anneal, seed, sampler, height, width, noise_mix)
+    plan = self.prepare(ref_image, audio, text, pose, seconds, frames, steps, cfg_audio, cfg_text, anneal, seed, sampler, height, width, noise_mix, cfg_pose)
     out = np.concatenate([f for _, f in self.iter_segments(plan, callback)])
     wav = fit_wav(plan.wav, plan.n_frames) if plan.given["audio"] else None
     return OmniHumanOutput(out, wav, plan_info(plan, time.perf_counter() - t0))
@@ -489,7 +500,7 @@ def __call__(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, 
 def plan_info(plan:GenerationPlan, elapsed:float|None=None)->dict:
     "A JSON-friendly summary of a plan (and its compute time)."
     d = dict(frames=plan.n_frames, seconds=plan.n_frames / FPS, segments=len(plan.segments), steps=plan.steps, noise_mix=plan.noise_mix, seed=plan.seed, sampler=plan.sampler,
-             given=plan.given, active=plan.active, cfg_audio=plan.audio_cfg.to_dict(), cfg_text=plan.text_cfg.to_dict())
+             given=plan.given, active=plan.active, cfg_audio=plan.audio_cfg.to_dict(), cfg_text=plan.text_cfg.to_dict(), cfg_pose=plan.pose_cfg.start)
     if elapsed is not None: d.update(elapsed_s=elapsed, seconds_per_video_second=elapsed / d["seconds"])
     return d
 
@@ -605,11 +616,11 @@ import omnihuman_nb
 SHIPPED_WEIGHTS = Path(omnihuman_nb.__file__).resolve().parent / "assets" / "classroom"   # the classroom bundle (chapter 15)
 
 def sampling_defaults(folder)->dict:
-    "The sampling settings a bundle's `recipe.json` names for its weights (`sample_steps`, `noise_mix`; chapter 15), as pipeline config keys."
+    "The sampling settings a bundle's `recipe.json` names for its weights (`sample_steps`, `noise_mix`, `cfg_pose`; chapter 15), as pipeline config keys."
     f = Path(folder) / "recipe.json"
     if not f.is_file(): return {}
     r = json.loads(f.read_text())
-    return {k: r[rk] for k, rk in (("steps", "sample_steps"), ("noise_mix", "noise_mix")) if r.get(rk) is not None}
+    return {k: r[rk] for k, rk in (("steps", "sample_steps"), ("noise_mix", "noise_mix"), ("cfg_pose", "cfg_pose")) if r.get(rk) is not None}
 
 def load_pipeline(model:str|Path|None=None,   # a pipeline folder, a bundle (dit/ + vae/), a `demo --train` run, or None: the shipped weights
                   device:str="auto")->OmniHumanPipeline:
@@ -638,6 +649,7 @@ def generate(ref:str|Path,                  # reference image
              anneal:str="linear",           # how the scales fall: "linear", "cosine" or "none"
              seed:int=0,
              noise_mix:float|None=None,     # share of the starting noise all frames share; None: the weights' own
+             cfg_pose:float|None=None,      # pose guidance scale (1: none); None: the weights' own
              out:str|Path="out.mp4",        # the video to write (never left partial)
              sampler:str="euler",           # "euler" or "diffusers"
              device:str="auto",
@@ -645,7 +657,7 @@ def generate(ref:str|Path,                  # reference image
     "Generate a video with sound, with a progress bar over segments and steps; returns a summary."
     t0 = time.perf_counter()
     pipe = load_pipeline(model_dir, device)
-    plan = pipe.prepare(ref, audio, text, pose, seconds, None, steps, cfg_audio, cfg_text, anneal, seed, sampler, noise_mix=noise_mix)
+    plan = pipe.prepare(ref, audio, text, pose, seconds, None, steps, cfg_audio, cfg_text, anneal, seed, sampler, noise_mix=noise_mix, cfg_pose=cfg_pose)
     bar = tqdm(total=len(plan.segments) * plan.steps, desc=f"generate {len(plan.segments)} segment(s) x {plan.steps} steps", unit="step")
     def tick(d):
         bar.update(1); bar.set_postfix_str(f"segment {d['segment'] + 1}/{d['segments']}")

@@ -8,7 +8,7 @@ __all__ = ['VARIANTS', 'LIMB_BONES', 'ARM_RADIUS', 'REGIONS', 'condition_windows
            'pose_reliance_table', 'head_radius', 'mouth_masks', 'limb_masks', 'to_latent_grid', 'region_masks',
            'timestep_weights', 'loss_by_region', 'region_table', 'region_figure', 'branch_point', 'always_on_config',
            'learnability_curve', 'learnability_table', 'learnability_figure', 'vae_ceiling', 'guess_gain',
-           'guess_table']
+           'guess_table', 'reference_gaps', 'gap_table']
 
 # %% ../nbs/16_reliance.ipynb #eb793bd3
 import dataclasses, json, shutil, tempfile, time
@@ -35,7 +35,8 @@ def condition_windows(pipe,                   # a pipeline: its VAE encodes, its
                       windows_per_clip:int=3, # training windows drawn per clip
                       max_clips:int|None=8,   # the first clips that have `need` (None: all)
                       n_frames:int=9,         # video frames per window, 1 + 4k
-                      seed:int=0)->dict:
+                      seed:int=0,
+                      ref_pick:str="uniform")->dict:  # how the reference frame is drawn (chapter 09's `REF_PICKS`)
     "Training windows of the clips that have `need`, batched as DiT inputs, each with the index of a window from another clip."
     check(need in CONDITIONS, "need", f"one of {CONDITIONS}", repr(need))
     check(isinstance(windows_per_clip, int) and windows_per_clip >= 1, "windows_per_clip", "an int >= 1", windows_per_clip)
@@ -43,7 +44,7 @@ def condition_windows(pipe,                   # a pipeline: its VAE encodes, its
     idx = [i for i in range(len(data)) if data.info[i]["has"][need]][:max_clips]
     check(len(idx) >= 2, f"clips with {need}", f"at least 2 '{split}' clips with {need} (shuffling needs another clip's {need})", len(idx))
     stage = StageConfig("measure", ratios, motion_share=0.0)
-    cfg = TrainConfig(n_frames=n_frames, stages=[stage])
+    cfg = TrainConfig(n_frames=n_frames, stages=[stage], ref_pick=ref_pick)
     rng = np.random.default_rng([seed, 91])
     picks = [draw_pick(rng, i, data.info[i], stage, cfg) for i in idx for _ in range(windows_per_clip)]
     caps = sorted({data.info[i]["caption"] for i in idx}); hs, lens = pipe.text_encoder(caps)
@@ -113,12 +114,13 @@ def pose_reliance(pipe,                      # a pipeline whose DiT has a pose g
                   windows_per_clip:int=3,    # training windows drawn per clip
                   max_clips:int|None=8,      # the first clips with pose only (None: all)
                   n_frames:int=9,            # video frames per window, 1 + 4k
-                  seed:int=0)->dict:
+                  seed:int=0,
+                  ref_pick:str="uniform")->dict:  # reference frames as the trainer draws them, or "pose_gap": farther from the window's pose, as in use
     "Keypoint error (px) of one-step clean-latent predictions with the clip's own, another clip's, or no pose, against the clean latents' keypoints, per noise level."
     _check_ts(ts)
     dit, vae = pipe.transformer.eval(), pipe.vae.eval()
     check(dit.pose_guider is not None, "pipeline's DiT", "a pose guider (a DiT built with pose_keypoints > 0)", "pose_keypoints=0")
-    w = condition_windows(pipe, data_dir, "pose", dict(text=1.0, ref=1.0, pose=1.0), split, windows_per_clip, max_clips, n_frames, seed)
+    w = condition_windows(pipe, data_dir, "pose", dict(text=1.0, ref=1.0, pose=1.0), split, windows_per_clip, max_clips, n_frames, seed, ref_pick)
     b, B = w["batch"], len(w["picks"])
     truth, vis = window_pose(w)
     clean = probe_keypoints(vae, b["x0"])
@@ -477,3 +479,39 @@ def guess_table(res:dict)->str:
     out += [f"| {r['t']:.2f} | {r['model_err']:.3f} | {f(r['model_err_static'])} / {f(r['model_err_moving'])} | {r['guess_err']:.3f} | "
             f"{r['model_noise']:+.3f} | {r['guess_noise']:+.3f} |" for r in res["rows"]]
     return "\n".join(out)
+
+# %% ../nbs/16_reliance.ipynb #7345e30e
+def reference_gaps(data_dir,                          # a rendered dataset
+                   config:str|TrainConfig="demo",      # the trainer config whose n_frames and motion settings the picks follow
+                   split:str="train",
+                   picks_per_clip:int=20,
+                   seed:int=0)->dict:
+    "Pose gap (mean keypoint distance, px of the clip) between the reference and the window: per pick for each `REF_PICKS` policy (pose on), and in use (frame 0 as the reference of every window)."
+    from omnihuman_nb.data import usable_clips, read_clip
+    from omnihuman_nb.trainer import REF_PICKS, pose_gaps
+    cfg = train_config(config) if not isinstance(config, TrainConfig) else config
+    clips, _ = usable_clips(data_dir, cfg.n_frames, split=split)
+    stage = StageConfig("pose on", dict(text=1.0, ref=1.0, pose=1.0), motion_share=cfg.stages[-1].motion_share)
+    out, n = {r: [] for r in (*REF_PICKS, "use")}, 0
+    for c in clips:
+        c = read_clip(c)
+        if c.keypoints is None: continue
+        kp, vis = c.keypoints, c.visibility.astype(bool); n += 1
+        info = dict(n_frames=len(kp), has=dict(text=True, ref=True, pose=True), pose=(kp, vis))
+        for r in REF_PICKS:
+            rng, pc = np.random.default_rng([seed, n]), cfg.replace(ref_pick=r)
+            for _ in range(picks_per_clip):
+                p = draw_pick(rng, 0, info, stage, pc)
+                out[r].append(pose_gaps(kp, vis, [p.ref_frame], range(4 * p.start, 4 * p.start + cfg.n_frames))[0])
+        L = 1 + (len(kp) - 1) // 4
+        out["use"] += [pose_gaps(kp, vis, [0], range(4 * j, 4 * j + cfg.n_frames))[0] for j in range(L - cfg.window_latents + 1)]
+    check(n > 0, "clips with pose", f"at least one {split} clip of {cfg.n_frames}+ frames with pose.json under {data_dir}", "none")
+    return {k: np.array(v) for k, v in out.items()} | dict(clips=n)
+
+def gap_table(gaps:dict, above:float=3.0)->str:
+    "A markdown table of `reference_gaps`: mean, median and the share of windows whose gap exceeds `above` px."
+    rows = ["| reference | windows | mean px | median px | share > %g px |" % above, "|---|---|---|---|---|"]
+    names = dict(uniform="training: uniform outside the window", pose_gap="training: `pose_gap`", use="in use: frame 0")
+    for k in ("uniform", "pose_gap", "use"):
+        g = gaps[k]; rows.append(f"| {names[k]} | {len(g)} | {g.mean():.2f} | {np.median(g):.2f} | {(g > above).mean():.2f} |")
+    return "\n".join(rows)

@@ -76,10 +76,10 @@ def test_the_whole_path_from_the_command(tmp_path):
     got = json.loads((d / "talk.json").read_text())
     for k in ("sync_r", "sync_lag", "hand_var", "identity_drift", "fd", "flicker"): assert k in got, k
     samples = Path(__file__).resolve().parent.parent / "data_samples" / "clips"   # holds clips of held-out identities
-    st, o, e = omnihuman("eval", "--model", d / "pipe", "--data", samples, "--max-clips", 1, "--steps", 1, "--json", d / "model.json")
+    st, o, e = omnihuman("eval", "--model", d / "pipe", "--data", samples, "--max-clips", 1, "--steps", 1, "--cfg-pose", 2, "--json", d / "model.json")
     assert st == 0, e[-2000:]
     got = json.loads((d / "model.json").read_text())
-    assert got["clips"] == 1 and "real" in got and "pck" in got
+    assert got["clips"] == 1 and "real" in got and "pck" in got and got["cfg_pose"] == 2.0
 
 def test_eval_scores_a_real_clip_and_refuses_a_mix(tmp_path):
     clip = Path(__file__).resolve().parent.parent / "data_samples" / "clips" / "clip_00004"
