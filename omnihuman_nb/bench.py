@@ -23,6 +23,7 @@ from .dit import OmniHumanDiT, StreamWeights, build_dit, parameter_counts
 from .flow import guided_velocity
 from .trainer import train, train_config
 from .pipeline import build_pipeline, dit_velocity, fit_wav, perturb_weights, separate_velocity
+from .data import pose_heatmaps
 
 # %% ../nbs/17_bench.ipynb #111a5f16
 def _timed(fn)->float:
@@ -298,17 +299,27 @@ def bench_sample(json_path:str|Path|None=None,   # also write the result here as
             for _ in tqdm(range(repeats), desc="bench sample: batched | separate CFG"):
                 t1 = time.perf_counter(); guided_velocity(vel, x, t, 3.0, 2.0); tb.append(time.perf_counter() - t1)
                 t1 = time.perf_counter(); separate_velocity(vel, x, t, 3.0, 2.0); ts.append(time.perf_counter() - t1)
+            # a synthetic pose track: its content does not change the cost
+            kp = torch.rand(F_, pipe.transformer.config.pose_keypoints, 2, generator=make_generator(seed + 1)).numpy() * (size - 8) + 4
+            vel_p = dit_velocity(pipe.transformer, dict(cond, pose=pose_heatmaps(kp, np.ones(kp.shape[:2], bool), (size, size))[None]))
+            tp0, tp2 = [], []
+            for _ in tqdm(range(repeats), desc="bench sample: pose guidance off | on"):
+                t1 = time.perf_counter(); guided_velocity(vel_p, x, t, 3.0, 2.0, 1.0); tp0.append(time.perf_counter() - t1)
+                t1 = time.perf_counter(); guided_velocity(vel_p, x, t, 3.0, 2.0, 2.0); tp2.append(time.perf_counter() - t1)
     finally: torch.set_num_threads(old)
     mb, ms = statistics.median(tb), statistics.median(ts)
+    mp0, mp2 = statistics.median(tp0), statistics.median(tp2)
     out = dict(device="cpu", threads=threads or old, config="classroom", size=size, seconds=seconds, steps=steps, frames=res.info["frames"],
                segments=res.info["segments"], segment_frames=pipe.config.segment_frames, generate_s=gen_s,
                seconds_per_video_second=gen_s / res.info["seconds"], cfg_batched_ms=1e3 * mb, cfg_separate_ms=1e3 * ms,
-               batched_cfg_speedup=ms / mb, batched_vs_separate_max_diff=agree, target_speedup=1.3)
+               batched_cfg_speedup=ms / mb, batched_vs_separate_max_diff=agree, target_speedup=1.3,
+               cfg_pose_off_ms=1e3 * mp0, cfg_pose_on_ms=1e3 * mp2, pose_guidance_cost=mp2 / mp0)
     print(f"{'classroom, ' + str(size) + 'x' + str(size) + ', ' + str(steps) + ' steps':<34}{'value':>12}")
     print(f"{'seconds per video second':<34}{out['seconds_per_video_second']:>12.2f}")
     print(f"{'CFG velocity, batched (ms)':<34}{out['cfg_batched_ms']:>12.1f}")
     print(f"{'CFG velocity, separate (ms)':<34}{out['cfg_separate_ms']:>12.1f}")
     print(f"{'batched_cfg_speedup (target 1.3)':<34}{out['batched_cfg_speedup']:>12.2f}")
+    print(f"{'pose_guidance_cost (4 vs 3 rows)':<34}{out['pose_guidance_cost']:>12.2f}")
     if json_path is not None:
         p = write_text_atomic(json_path, json.dumps(out, indent=2) + "\n")
         print(f"outputs are in {p}")

@@ -180,7 +180,7 @@ def test_generate_writes_and_reports(model_dir, ref, tmp_path, capsys):
 def test_bench_sample_keys(tmp_path):
     r = bench_sample(tmp_path / "b.json", seconds=0.2, steps=1, size=32, repeats=2)
     d = json.loads((tmp_path / "b.json").read_text())
-    for k in ("seconds_per_video_second", "batched_cfg_speedup"): assert d[k] > 0 and d[k] == r[k]
+    for k in ("seconds_per_video_second", "batched_cfg_speedup", "pose_guidance_cost"): assert d[k] > 0 and d[k] == r[k]
     assert d["batched_vs_separate_max_diff"] < 1e-4
 
 @settings(max_examples=60, deadline=None)
