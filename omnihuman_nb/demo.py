@@ -242,7 +242,7 @@ def demo(out="outputs/demo",             # where the videos, metrics.json and re
         for job in tqdm(jobs, desc="demo videos", disable=not verbose):
             results.append(run_job(pipe, job, out, steps, seed))
     shipped = CLASSROOM_DIR / "metrics.json"
-    info = dict(weights=str(weights), steps=steps or pipe.config.steps, noise_mix=pipe.config.noise_mix, cfg_pose=pipe.config.get("cfg_pose", 1.0), seed=seed, max_seconds=max_seconds, device=str(pipe.device), threads=torch.get_num_threads(),
+    info = dict(weights=str(weights), steps=steps or pipe.config.steps, noise_mix=pipe.config.noise_mix, cfg_pose=pipe.config.cfg_pose, seed=seed, max_seconds=max_seconds, device=str(pipe.device), threads=torch.get_num_threads(),
                 minutes=round((time.perf_counter() - t0) / 60, 2), trained=trained,
                 shipped_scores=json.loads(shipped.read_text())["targets"] if weights != CLASSROOM_DIR and shipped.is_file() else None)
     keep = lambda m: {k: v for k, v in m.items() if not isinstance(v, dict)}

@@ -643,7 +643,7 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
     real["hand_var"] = _mean([r["hand_var"] for r, c in zip(real_rows, loaded) if c.audio is not None])   # the clips audio-driven videos copy
     res = dict(gen, model=str(model_dir) if not isinstance(model_dir, OmniHumanPipeline) else "pipeline", data=str(data_dir), clips=len(clips), videos={m: sum(j[1] == m for j in jobs) for m in ("audio", "pose", "text")},
                steps=steps or pipe.config.steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed,
-               cfg_pose=pipe.config.get("cfg_pose", 1.0) if cfg_pose is None else cfg_pose, seconds=round(time.perf_counter() - t0, 1), real=real, still=still,
+               cfg_pose=pipe.config.cfg_pose if cfg_pose is None else cfg_pose, seconds=round(time.perf_counter() - t0, 1), real=real, still=still,
                per_video=[{k: v for k, v in r.items() if k != "sync_curve"} for r in gen_rows])
     if verbose:
         print(f"{len(jobs)} videos ({', '.join(f'{n} {m}' for m, n in res['videos'].items() if n)}) from {len(clips)} held-out clips of {data_dir}")

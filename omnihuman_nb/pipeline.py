@@ -353,7 +353,7 @@ def prepare(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, p
     self.check_size(H, W)
     steps = self.config.steps if steps is None else steps
     noise_mix = self.config.noise_mix if noise_mix is None else noise_mix
-    cfg_pose = self.config.get("cfg_pose", 1.0) if cfg_pose is None else cfg_pose
+    cfg_pose = self.config.cfg_pose if cfg_pose is None else cfg_pose
     check_sampling(steps, noise_mix)
     pose_cfg = cfg_schedule(cfg_pose, "none")             # constant over the steps
     check(sampler in ("euler", "diffusers"), "sampler", "'euler' or 'diffusers'", repr(sampler))

@@ -20,7 +20,7 @@ import torch
 from .core import check, publish, write_text_atomic
 from .puppet import J, BODY
 from .flow import CONDITIONS, FlowConfig, noisy_sample, velocity_target, flow_loss, sample_timesteps
-from .trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch, train_config, train, latest_checkpoint, vae_fingerprint
+from .trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch, train_config, train, latest_checkpoint, vae_fingerprint, REF_PICKS, pose_gaps
 from .metrics import read_probes, PROBE_SIZE
 from .pipeline import fit_box
 from .vae_train import puppet_mouth_boxes
@@ -488,7 +488,6 @@ def reference_gaps(data_dir,                          # a rendered dataset
                    seed:int=0)->dict:
     "Pose gap (mean keypoint distance, px of the clip) between the reference and the window: per pick for each `REF_PICKS` policy (pose on), and in use (frame 0 as the reference of every window)."
     from omnihuman_nb.data import usable_clips, read_clip
-    from omnihuman_nb.trainer import REF_PICKS, pose_gaps
     cfg = train_config(config) if not isinstance(config, TrainConfig) else config
     clips, _ = usable_clips(data_dir, cfg.n_frames, split=split)
     stage = StageConfig("pose on", dict(text=1.0, ref=1.0, pose=1.0), motion_share=cfg.stages[-1].motion_share)
