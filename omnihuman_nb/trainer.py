@@ -8,7 +8,7 @@ __all__ = ['PROBE_HEADS', 'REF_PICKS', 'TRAIN_CONFIGS', 'REGION_CONDITION', 'CON
            'config_differences', 'resolve_vae_dir', 'vae_fingerprint', 'encode_clip', 'LatentClips', 'Pick',
            'pose_gaps', 'draw_pick', 'sample_order', 'step_rng', 'region_loss_weights', 'make_batch', 'flow_step',
            'check_probe_frames', 'ProbeLoss', 'EMA', 'warmup_lambda', 'param_groups', 'save_checkpoint',
-           'latest_checkpoint', 'load_checkpoint', 'StopFlag', 'plot_curves', 'train']
+           'latest_checkpoint', 'load_checkpoint', 'StopFlag', 'plot_curves', 'stage_steps', 'train']
 
 # %% ../nbs/09_trainer.ipynb #fe52e355
 import contextlib, dataclasses, hashlib, inspect, json, math, os, shutil, signal, tempfile, threading, time, warnings
@@ -38,6 +38,7 @@ class StageConfig(Config):
     ratios: dict[str, float] = dataclasses.field(default_factory=dict)  # condition -> P(on | the clip has it); absent: off
     motion_share: float = 0.5          # share of samples that continue from motion frames (the rest are first segments)
     probe_loss: dict[str, float] = dataclasses.field(default_factory=dict)  # probe head ("keypoints", "mouth") -> weight of the probe loss in this stage (see `ProbeLoss`); empty: none
+    length: float = 1.0                # this stage's length as a multiple of the run's steps_per_stage (or minutes_per_stage)
 
     def __post_init__(self):
         unknown = sorted(set(self.ratios) - set(CONDITIONS))
@@ -50,6 +51,8 @@ class StageConfig(Config):
         for h, w in self.probe_loss.items():
             check(h in PROBE_HEADS and isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0,
                   f"stage '{self.name}' probe_loss[{h!r}]", f"a positive weight for one of {tuple(PROBE_HEADS)}", w)
+        check(isinstance(self.length, (int, float)) and not isinstance(self.length, bool) and self.length > 0,
+              f"stage '{self.name}' length", "a positive multiple of the stage length", self.length)
 
     def allows(self, c:str)->bool: return self.ratios.get(c, 0.0) > 0
 
@@ -573,6 +576,10 @@ def _parse_stages(stages, cfg:TrainConfig)->list[int]:
     check(len(idx) > 0 and all(0 <= i < n for i in idx), "stages", f"a comma-separated list of stage numbers 1..{n}", repr(stages))
     return idx
 
+def stage_steps(cfg:TrainConfig, order:list[int])->list[int]:
+    "Optimizer steps of each stage in `order` (0-based): its `length` times the config's `steps_per_stage`, at least 1."
+    return [max(1, round(cfg.stages[i].length * cfg.steps_per_stage)) for i in order]
+
 def _weights_sha(model)->str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()): h.update(k.encode()); h.update(v.detach().float().cpu().numpy().tobytes())
@@ -686,8 +693,8 @@ def train(data_dir,                          # folder of clip folders (see chapt
           vae_dir,                           # a trained CausalVAE folder (train_vae's OUT or OUT/vae)
           out_dir,                           # where checkpoints, logs, curves and the latent cache go
           stages="1,2,3",                    # which stages of the config to run, in order
-          steps_per_stage:int|None=None,     # optimizer steps per stage (default: the config's)
-          minutes_per_stage:float|None=None, # or: a time budget per stage
+          steps_per_stage:int|None=None,     # optimizer steps per stage (default: the config's); a stage's `length` scales it
+          minutes_per_stage:float|None=None, # or: a time budget per stage (scaled the same way)
           config="classroom",                # a name in TRAIN_CONFIGS, a JSON file, or a TrainConfig
           resume:bool=False,                 # continue the run in out_dir from its latest checkpoint
           cache:bool=True,                   # cache VAE latents on disk (else encode at every step)
@@ -749,7 +756,8 @@ def train(data_dir,                          # folder of clip folders (see chapt
         cfg.to_json(out / "train_config.json")
         if ckpt is None: log_path.unlink(missing_ok=True)   # rows of a run that died before its first checkpoint
     # --- the loop ---------------------------------------------------------------------------------
-    n_total = None if minutes_per_stage else cfg.steps_per_stage * len(order)
+    lengths = stage_steps(cfg, order)
+    n_total = None if minutes_per_stage else sum(lengths)
     pbar = tqdm(total=n_total, initial=state["step"], disable=not (verbose and main), desc="training")
     seen, interrupted, loss_v, step_times = [], False, float("nan"), []
     def checkpoint():
@@ -764,7 +772,7 @@ def train(data_dir,                          # folder of clip folders (see chapt
             stage, key = cfg.stages[si], str(si + 1)
             counts = state["counts"].setdefault(key, {})
             state["motion"].setdefault(key, 0)
-            done = (state["stage_seconds"] >= 60 * minutes_per_stage) if minutes_per_stage else state["stage_step"] >= cfg.steps_per_stage
+            done = (state["stage_seconds"] >= 60 * minutes_per_stage * stage.length) if minutes_per_stage else state["stage_step"] >= lengths[state["stage_pos"]]
             if done:
                 state.update(stage_pos=state["stage_pos"] + 1, stage_step=0, stage_seconds=0.0)
                 continue
