@@ -8,7 +8,7 @@ __all__ = ['VARIANTS', 'LIMB_BONES', 'ARM_RADIUS', 'REGIONS', 'condition_windows
            'pose_reliance_table', 'head_radius', 'mouth_masks', 'limb_masks', 'to_latent_grid', 'region_masks',
            'timestep_weights', 'loss_by_region', 'region_table', 'region_figure', 'branch_point', 'always_on_config',
            'learnability_curve', 'learnability_table', 'learnability_figure', 'vae_ceiling', 'guess_gain',
-           'guess_table', 'reference_gaps', 'gap_table']
+           'guess_table', 'reference_gaps', 'gap_table', 'by_framing']
 
 # %% ../nbs/16_reliance.ipynb #eb793bd3
 import dataclasses, json, shutil, tempfile, time
@@ -22,6 +22,7 @@ from .puppet import J, BODY
 from .flow import CONDITIONS, FlowConfig, noisy_sample, velocity_target, flow_loss, sample_timesteps
 from .trainer import LatentClips, TrainConfig, StageConfig, draw_pick, make_batch, train_config, train, latest_checkpoint, vae_fingerprint, REF_PICKS, pose_gaps
 from .metrics import read_probes, PROBE_SIZE
+from .data import read_meta
 from .pipeline import fit_box
 from .vae_train import puppet_mouth_boxes
 
@@ -514,3 +515,23 @@ def gap_table(gaps:dict, above:float=3.0)->str:
     for k in ("uniform", "pose_gap", "use"):
         g = gaps[k]; rows.append(f"| {names[k]} | {len(g)} | {g.mean():.2f} | {np.median(g):.2f} | {(g > above).mean():.2f} |")
     return "\n".join(rows)
+
+# %% ../nbs/16_reliance.ipynb #4e8844ee
+def by_framing(ev:dict,          # `evaluate_model`'s result (its per-video rows)
+               data_dir,         # the clip folders it scored: each clip's meta.json names its framing
+               mode:str="pose")->dict:
+    "The scores of one kind of video (`mode`), averaged per framing: framing -> videos, PCK (overall and per keypoint group), keypoint error, and the framing's share of the counted keypoints."
+    check("per_video" in ev, "evaluation", "an `evaluate_model` result (with per_video rows)", sorted(ev)[:6])
+    rows = [r for r in ev["per_video"] if r.get("mode") == mode]
+    check(len(rows) > 0, f"{mode}-driven videos", "at least one in the evaluation", f"modes {sorted({r.get('mode') for r in ev['per_video']})}")
+    root, groups = Path(data_dir), {}
+    for r in rows:
+        meta = root / r["clip"] / "meta.json"
+        check(meta.is_file(), f"clip {r['clip']}", f"a clip folder under {root}", "no meta.json there")
+        groups.setdefault(read_meta(root / r["clip"]).get("truth", {}).get("framing", "unknown"), []).append(r)
+    mean = lambda rs, k: (lambda v: float(np.mean(v)) if v else None)([x[k] for x in rs if x.get(k) is not None])
+    counted = sum(r.get("keypoints_counted", 0) for r in rows)
+    return {f: dict(videos=len(rs), **{k: mean(rs, k) for k in ("pck", "pck_face", "pck_body", "pck_hands", "kp_err")},
+                    keypoint_share=sum(r.get("keypoints_counted", 0) for r in rs) / counted if counted else None)
+            for f, rs in sorted(groups.items())}
+
