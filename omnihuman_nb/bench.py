@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 
 from . import kernels as K     # first: it must switch Triton's interpreter on before anything imports triton
 from .core import check, make_generator, seed_everything, write_text_atomic
-from .puppet import SR
+from .puppet import SR, BONES
 from .vae import CausalVAE, TensorMemory
 from .dit import OmniHumanDiT, StreamWeights, build_dit, parameter_counts
 from .flow import guided_velocity
 from .trainer import train, train_config
 from .pipeline import build_pipeline, dit_velocity, fit_wav, perturb_weights, separate_velocity
-from .data import pose_heatmaps
+from .data import pose_maps
 
 # %% ../nbs/17_bench.ipynb #111a5f16
 def _timed(fn)->float:
@@ -92,7 +92,7 @@ def _bench_batch(model, batch, frames, size, text_tokens, seed=0):
     r = lambda *s: torch.randn(*s, generator=g)
     return dict(latents=r(batch, cfg.in_channels, T, h, h), timestep=torch.rand(batch, generator=g), text=r(batch, text_tokens, cfg.text_dim),
                 ref=r(batch, cfg.in_channels, 1, h, h), motion=r(batch, cfg.in_channels, 2, h, h),
-                audio=r(batch, frames, 2 * cfg.audio_window + 1, cfg.audio_dim), pose=torch.rand(batch, cfg.pose_keypoints, frames, size, size, generator=g))
+                audio=r(batch, frames, 2 * cfg.audio_window + 1, cfg.audio_dim), pose=torch.rand(batch, cfg.pose_keypoints + cfg.get("pose_bones", 0), frames, size, size, generator=g))
 
 def hunyuan_matched(ours:OmniHumanDiT, tolerance:float=0.15):
     "diffusers' HunyuanVideoTransformer3DModel with our width and head size, block counts picked to match our parameter count."
@@ -301,7 +301,7 @@ def bench_sample(json_path:str|Path|None=None,   # also write the result here as
                 t1 = time.perf_counter(); separate_velocity(vel, x, t, 3.0, 2.0); ts.append(time.perf_counter() - t1)
             # a synthetic pose track: its content does not change the cost
             kp = torch.rand(F_, pipe.transformer.config.pose_keypoints, 2, generator=make_generator(seed + 1)).numpy() * (size - 8) + 4
-            vel_p = dit_velocity(pipe.transformer, dict(cond, pose=pose_heatmaps(kp, np.ones(kp.shape[:2], bool), (size, size))[None]))
+            vel_p = dit_velocity(pipe.transformer, dict(cond, pose=pose_maps(kp, np.ones(kp.shape[:2], bool), (size, size), BONES if pipe.transformer.config.get("pose_bones", 0) else None)[None]))
             tp0, tp2 = [], []
             for _ in tqdm(range(repeats), desc="bench sample: pose guidance off | on"):
                 t1 = time.perf_counter(); guided_velocity(vel_p, x, t, 3.0, 2.0, 1.0); tp0.append(time.perf_counter() - t1)

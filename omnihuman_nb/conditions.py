@@ -228,7 +228,10 @@ def condition_kwargs(batch:dict,                          # from `data.collate_c
         if T is not None:
             check(x.shape[frame_dim] == T, f"{name} frame count", f"{T}, the batch's video frames", x.shape[frame_dim],
                   hint=f"{name} comes one entry per video frame.")
-        if cfg is not None: check(x.shape[what] == getattr(cfg, width), f"{name} width", f"{getattr(cfg, width)}, the model's {width}", x.shape[what])
+        if cfg is not None:
+            n = getattr(cfg, width) + (cfg.get("pose_bones", 0) if name == "pose" else 0)
+            check(x.shape[what] == n, f"{name} width", f"{n}, the model's {width}" + (" + pose_bones" if n != getattr(cfg, width) else ""), x.shape[what],
+                  hint="A DiT with pose_bones reads chapter 02's pose_maps(keypoints, visibility, size, bones=BONES)." if name == "pose" else None)
         out[name], mask[name] = x, flag(name, x.shape[0])
     out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
     out["condition_mask"] = {k: v.to(device) for k, v in mask.items()}

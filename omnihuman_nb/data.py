@@ -6,7 +6,7 @@
 __all__ = ['CLIP_FILES', 'X264_OPTIONS', 'MEL', 'write_video', 'read_video', 'write_audio', 'read_audio', 'write_pose',
            'read_pose', 'write_clip', 'write_puppet_clip', 'Clip', 'read_meta', 'read_clip', 'check_clip', 'find_clips',
            'check_dataset', 'render_dataset', 'held_out_identities', 'log_mel', 'frame_windows', 'pose_heatmaps',
-           'usable_clips', 'ClipDataset', 'collate_clips', 'bench_data']
+           'bone_ridges', 'pose_maps', 'usable_clips', 'ClipDataset', 'collate_clips', 'bench_data']
 
 # %% ../nbs/02_data.ipynb #37e997a2
 import dataclasses, json, shutil, time, warnings
@@ -352,6 +352,39 @@ def pose_heatmaps(keypoints,               # (..., T, K, 2) pixel (x, y): one cl
     gx = torch.exp(-(xs - kp[..., :1]) ** 2 / (2 * sigma ** 2)) * vis[..., None]   # (..., K, T, W)
     gy = torch.exp(-(ys - kp[..., 1:]) ** 2 / (2 * sigma ** 2))                    # (..., K, T, H)
     return gy[..., :, None] * gx[..., None, :]
+
+# %% ../nbs/02_data.ipynb #dc72c2b4
+def bone_ridges(keypoints,                # (..., T, K, 2) pixel (x, y)
+                visibility,               # (..., T, K) bool or 0/1
+                size,                     # video (H, W) or int
+                bones=BONES,              # (a, b) joint index pairs: one map each
+                sigma:float|None=None,    # ridge width in pixels; default as pose_heatmaps'
+                cell:int=4                # computed once per cell x cell block (the pose guider's averaging), widened by its blur
+               )->torch.Tensor:
+    "One Gaussian ridge per bone along the segment between its joints: `(..., len(bones), T, H, W)` float32 in [0, 1]; zero where either joint is hidden."
+    H, W = parse_size(size)
+    kp = torch.as_tensor(keypoints, dtype=torch.float32)
+    vis = torch.as_tensor(visibility, device=kp.device).float()
+    check(kp.ndim >= 3 and kp.shape[-1] == 2 and vis.shape == kp.shape[:-1], "keypoints / visibility", "(..., T, K, 2) and (..., T, K)", (tuple(kp.shape), tuple(vis.shape)))
+    check(isinstance(cell, int) and cell >= 1 and H % cell == 0 and W % cell == 0, "cell", f"an int >= 1 that divides the size {(H, W)}", cell)
+    a, b = torch.tensor([p[0] for p in bones], device=kp.device), torch.tensor([p[1] for p in bones], device=kp.device)
+    check(len(bones) > 0 and int(max(a.max(), b.max())) < kp.shape[-2], "bones", f"joint pairs within the {kp.shape[-2]} keypoints", list(bones)[:3])
+    s2 = (sigma or max(1.0, 0.025 * min(H, W))) ** 2 + cell * cell / 12
+    ax, ay = kp[..., a, 0, None, None], kp[..., a, 1, None, None]                         # (..., T, bones, 1, 1)
+    bx, by = kp[..., b, 0, None, None] - ax, kp[..., b, 1, None, None] - ay
+    dx = (torch.arange(W // cell, device=kp.device) + 0.5) * cell - ax                   # cell centres, relative to joint a
+    dy = ((torch.arange(H // cell, device=kp.device) + 0.5) * cell)[:, None] - ay
+    h = ((dx * bx + dy * by) / (bx * bx + by * by).clamp_min(1e-6)).clamp(0, 1)          # nearest point of the segment, 0..1
+    r = torch.exp(-((dx - h * bx) ** 2 + (dy - h * by) ** 2) / (2 * s2)) * (vis[..., a] * vis[..., b])[..., None, None]
+    r = r.transpose(-4, -3)                                                               # (..., bones, T, H/c, W/c)
+    return r.repeat_interleave(cell, -2).repeat_interleave(cell, -1)
+
+def pose_maps(keypoints, visibility, size,
+              bones=None,                 # None: the joints' heatmaps only; else also one ridge per bone (e.g. BONES)
+              sigma:float|None=None)->torch.Tensor:
+    "What the pose guider reads: `pose_heatmaps`, then `bone_ridges` if `bones` is given, stacked on the map axis `(..., K [+ bones], T, H, W)`."
+    joints = pose_heatmaps(keypoints, visibility, size, sigma)
+    return joints if not bones else torch.cat([joints, bone_ridges(keypoints, visibility, size, bones, sigma)], -4)
 
 # %% ../nbs/02_data.ipynb #af5b20c7
 def usable_clips(root:str|Path, n_frames:int=1, split:str="all")->tuple[list[Path], dict]:

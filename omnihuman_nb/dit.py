@@ -347,7 +347,8 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
                  text_encoder:str="hashed-words",# which text encoder made them (recorded, see chapter 07)
                  audio_dim:int=0,                # audio features per video frame; 0: no audio layers
                  audio_window:int=2,             # adjacent video frames on each side in an audio token
-                 pose_keypoints:int=0,           # heatmap channels; 0: no pose guider
+                 pose_keypoints:int=0,           # joint heatmap channels; 0: no pose guider
+                 pose_bones:int=0,               # bone ridge channels after them (chapter 02's `pose_maps`; chapter 16 says why)
                  pose_width:int=32,              # pose guider conv width
                  pose_channels:int=16,           # pose features per latent frame (x3 with neighbours)
                  vae_spatial:int=8,              # video pixels per latent pixel
@@ -373,6 +374,7 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
               f"skip_gate=True with precondition={precondition!r}")
         check(refiner_width == 0 or prediction == "data", "refiner_width", "0 unless prediction='data' (the refiner corrects predicted clean latents)",
               f"refiner_width={refiner_width} with prediction={prediction!r}")
+        check(pose_bones >= 0 and (pose_keypoints > 0 or pose_bones == 0), "pose_bones", "0, or a count of bone maps for a model with pose_keypoints > 0", (pose_keypoints, pose_bones))
         head_dim = hidden_size // num_heads
         self.patch = _triple(patch_size)
         self.rope_split = tuple(rope_split) if rope_split is not None else rope_split_for(head_dim)
@@ -388,7 +390,7 @@ class OmniHumanDiT(ModelMixin, ConfigMixin):
         self.t_embed = TimestepEmbedder(hidden_size)
         self.audio_proj = AudioProjector(audio_dim, audio_window, hidden_size) if audio_dim else None
         if pose_keypoints:
-            self.pose_guider = PoseGuider(pose_keypoints, pose_width, pose_channels, vae_spatial, vae_temporal)
+            self.pose_guider = PoseGuider(pose_keypoints + pose_bones, pose_width, pose_channels, vae_spatial, vae_temporal)
             self.pose_embed = nn.Linear(p * self.pose_guider.out_dim, hidden_size)
         else: self.pose_guider = self.pose_embed = None
         self.blocks = nn.ModuleList([MMDiTBlock(hidden_size, num_heads, mlp_ratio, audio=bool(audio_dim), last=i == num_layers - 1)

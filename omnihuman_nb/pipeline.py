@@ -24,8 +24,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from .core import BadInputError, check, check_finite, make_generator, get_device, atomic_path, write_text_atomic
-from .puppet import FPS, SR, JOINTS
-from .data import read_audio, read_pose, pose_heatmaps, X264_OPTIONS
+from .puppet import FPS, SR, JOINTS, BONES
+from .data import read_audio, read_pose, pose_maps, X264_OPTIONS
 from .vae import CausalVAE
 from .dit import OmniHumanDiT, dit_config
 from .conditions import text_encoder as make_text_encoder, audio_features as make_audio_features
@@ -370,6 +370,7 @@ def prepare(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, p
     tc = self.transformer.config
     check(not given["audio"] or tc.audio_dim > 0, "audio", "no audio: this model has no audio layers (audio_dim=0)", "an audio input")
     check(not given["pose"] or tc.pose_keypoints > 0, "pose", "no pose: this model has no pose guider (pose_keypoints=0)", "a pose input")
+    check(tc.get("pose_bones", 0) in (0, len(BONES)), "DiT pose_bones", f"0 or {len(BONES)} (one map per bone of chapter 01's BONES)", tc.get("pose_bones", 0))
     if not tc.audio_dim: active["audio"] = False
     if active["audio"]: wav = fit_wav(wav if wav is not None else np.zeros(0, np.float32), n_gen)
     if kp is not None:
@@ -455,6 +456,7 @@ def iter_segments(self:OmniHumanPipeline, plan:GenerationPlan,
     gen, prev, z, n_seg = make_generator(plan.seed), None, None, len(plan.segments)
     m = plan.noise_mix
     shared = torch.randn((1, tc.in_channels, 1, H // vs, W // vs), generator=gen).to(dev) if m > 0 else None   # one latent frame's noise for the whole video
+    bones = BONES if tc.get("pose_bones", 0) else None          # a DiT trained with bone ridges reads them after the joints (chapter 02)
     self.vae.reset_stream()                                   # "latents" mode decodes one stream across segments
     try:
         for seg in plan.segments:
@@ -462,7 +464,7 @@ def iter_segments(self:OmniHumanPipeline, plan:GenerationPlan,
             if prev is None or self.config.motion == "none": motion = None
             else: motion = z[:, :, -self.config.motion_latents:] if continuous else self.encode_frames(prev[-M:])
             cond = dict(text=text, text_lens=text_lens, ref=ref, motion=motion, audio=feats[c][None] if feats is not None else None,
-                        pose=pose_heatmaps(plan.keypoints[c], plan.visibility[c], (H, W))[None].to(dev) if plan.keypoints is not None else None)
+                        pose=pose_maps(plan.keypoints[c], plan.visibility[c], (H, W), bones)[None].to(dev) if plan.keypoints is not None else None)
             shape = (1, tc.in_channels, seg.latents, H // vs, W // vs)
             noise = torch.randn(shape, generator=gen).to(dev)
             if shared is not None: noise = math.sqrt(m) * shared + math.sqrt(1 - m) * noise         # still N(0, 1) per value; frames correlate by m

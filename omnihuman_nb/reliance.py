@@ -45,7 +45,7 @@ def condition_windows(pipe,                   # a pipeline: its VAE encodes, its
     idx = [i for i in range(len(data)) if data.info[i]["has"][need]][:max_clips]
     check(len(idx) >= 2, f"clips with {need}", f"at least 2 '{split}' clips with {need} (shuffling needs another clip's {need})", len(idx))
     stage = StageConfig("measure", ratios, motion_share=0.0)
-    cfg = TrainConfig(n_frames=n_frames, stages=[stage], ref_pick=ref_pick)
+    cfg = TrainConfig(n_frames=n_frames, stages=[stage], ref_pick=ref_pick, dit_overrides=dict(pose_bones=pipe.transformer.config.get("pose_bones", 0)))
     rng = np.random.default_rng([seed, 91])
     picks = [draw_pick(rng, i, data.info[i], stage, cfg) for i in idx for _ in range(windows_per_clip)]
     caps = sorted({data.info[i]["caption"] for i in idx}); hs, lens = pipe.text_encoder(caps)

@@ -6,8 +6,8 @@
 __all__ = ['PROBE_HEADS', 'REF_PICKS', 'TRAIN_CONFIGS', 'REGION_CONDITION', 'CONDITION_MODULES', 'CKPT_DIR', 'StageConfig',
            'paper_stages', 'driving_stage', 'probe_stage', 'active_set', 'combo_name', 'TrainConfig', 'train_config',
            'config_differences', 'resolve_vae_dir', 'vae_fingerprint', 'encode_clip', 'LatentClips', 'Pick',
-           'pose_gaps', 'draw_pick', 'sample_order', 'step_rng', 'region_loss_weights', 'make_batch', 'flow_step',
-           'check_probe_frames', 'ProbeLoss', 'EMA', 'warmup_lambda', 'param_groups', 'save_checkpoint',
+           'pose_gaps', 'draw_pick', 'sample_order', 'step_rng', 'region_loss_weights', 'pose_bones', 'make_batch',
+           'flow_step', 'check_probe_frames', 'ProbeLoss', 'EMA', 'warmup_lambda', 'param_groups', 'save_checkpoint',
            'latest_checkpoint', 'load_checkpoint', 'StopFlag', 'plot_curves', 'stage_steps', 'train']
 
 # %% ../nbs/09_trainer.ipynb #fe52e355
@@ -21,12 +21,12 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
 from .core import Config, BadInputError, check, get_rng_state, set_rng_state, get_device, atomic_path, publish, write_text_atomic
-from .data import usable_clips, read_meta, read_video, read_audio, read_pose, log_mel, pose_heatmaps, CLIP_FILES
+from .data import usable_clips, read_meta, read_video, read_audio, read_pose, log_mel, pose_maps, CLIP_FILES
 from .dit import build_dit, dit_config, OmniHumanDiT
 from .conditions import text_encoder
 from .flow import CONDITIONS, FlowConfig, sample_timesteps, noisy_sample, velocity_target, flow_loss
 from .vae import CausalVAE
-from .puppet import JOINTS
+from .puppet import JOINTS, BONES
 
 # %% ../nbs/09_trainer.ipynb #8a56a8f0
 PROBE_HEADS = dict(keypoints="pose", mouth="audio")   # probe head -> the condition that drives what it reads
@@ -348,11 +348,18 @@ def _window_truth(info:dict, v0:int, n:int)->dict:
                 mouth=torch.as_tensor(mouth[v0:v0 + n] if mouth is not None else np.zeros(n, np.float32)),
                 has_keypoints=torch.tensor(info["pose"] is not None), has_mouth=torch.tensor(mouth is not None and info["pose"] is not None))
 
+def pose_bones(cfg:TrainConfig)->list|None:
+    "The bones whose ridges the config's DiT reads after the joints' heatmaps (its `pose_bones` override): chapter 01's `BONES`, or None."
+    n = cfg.dit_overrides.get("pose_bones", 0)
+    check(n in (0, len(BONES)), "dit_overrides['pose_bones']", f"0 or {len(BONES)} (one map per bone of chapter 01's BONES)", n)
+    return BONES if n else None
+
 def make_batch(clips:LatentClips, picks:list[Pick], text:dict, cfg:TrainConfig, device="cpu",
                truth:bool=False)->dict:   # also the windows' keypoints and mouth opening, in `truth` (for `ProbeLoss`)
     "The DiT inputs of a micro-batch (clean latents in `x0`), with per-sample condition masks from the picks; `weight` holds region loss weights when the config asks."
     Tw, m, n = cfg.window_latents, cfg.motion_latents, cfg.n_frames
     x0, ref, mot, aud, pose, th, wts, tru = [], [], [], [], [], [], [], []
+    bones = pose_bones(cfg)
     for p in picks:
         info = clips.info[p.clip]
         z, zm, zr = clips.window(p.clip, p.start, Tw, m if p.motion else 0, p.ref_frame)
@@ -363,7 +370,7 @@ def make_batch(clips:LatentClips, picks:list[Pick], text:dict, cfg:TrainConfig, 
         aud.append(a[v0:v0 + n] if a is not None else torch.zeros(n, 4 * 32))
         if info["pose"] is not None:
             kp, vis = info["pose"]
-            pose.append(pose_heatmaps(kp[v0:v0 + n], vis[v0:v0 + n], (info["H"], info["W"])))
+            pose.append(pose_maps(kp[v0:v0 + n], vis[v0:v0 + n], (info["H"], info["W"]), bones))
         else: pose.append(None)
         if cfg.region_weights:   # a region weighs more only where its condition is on: without it, its place is a guess
             ws = {r: w for r, w in cfg.region_weights.items() if p.on[REGION_CONDITION[r]]}
@@ -715,6 +722,7 @@ def train(data_dir,                          # folder of clip folders (see chapt
     check(minutes_per_stage is None or minutes_per_stage > 0, "minutes_per_stage", "a positive number", minutes_per_stage)
     order = _parse_stages(stages, cfg)
     # --- everything is checked before anything is written -------------------------------------------
+    pose_bones(cfg)                                   # a bone count the maps cannot match fails here
     vdir = resolve_vae_dir(vae_dir)
     vae_id = vae_fingerprint(vdir)
     enc = text_encoder(cfg.text_encoder)

@@ -287,7 +287,7 @@ def dit_inputs(model,                 # an OmniHumanDiT
              ref=r(batch, cfg.in_channels, 1, h, h))
     if motion: x["motion"] = r(batch, cfg.in_channels, motion, h, h)
     if cfg.audio_dim: x["audio"] = r(batch, frames, cfg.audio_dim)
-    if cfg.pose_keypoints: x["pose"] = torch.rand(batch, cfg.pose_keypoints, frames, size, size, generator=g)
+    if cfg.pose_keypoints: x["pose"] = torch.rand(batch, cfg.pose_keypoints + cfg.get("pose_bones", 0), frames, size, size, generator=g)
     return x
 
 # %% ../nbs/13_widgets.ipynb #3fee5686
