@@ -336,17 +336,21 @@ def frame_windows(feats:torch.Tensor|np.ndarray, radius:int=2)->torch.Tensor:
     return f[idx]
 
 # %% ../nbs/02_data.ipynb #8a73564f
+def _pose_inputs(keypoints, visibility, size, sigma):
+    "Keypoints and visibility as float tensors on one device, checked; the (H, W) size; the map width (default 2.5% of the shorter side, at least 1)."
+    H, W = parse_size(size)
+    kp = torch.as_tensor(keypoints, dtype=torch.float32)
+    vis = torch.as_tensor(visibility, device=kp.device).float()
+    check(kp.ndim >= 3 and kp.shape[-1] == 2 and vis.shape == kp.shape[:-1], "keypoints / visibility", "(..., T, K, 2) and (..., T, K)", (tuple(kp.shape), tuple(vis.shape)))
+    return kp, vis, (H, W), sigma or max(1.0, 0.025 * min(H, W))
+
 def pose_heatmaps(keypoints,               # (..., T, K, 2) pixel (x, y): one clip, or a batch
                   visibility,              # (..., T, K) bool or 0/1
                   size,                    # video (H, W) or int
                   sigma:float|None=None    # Gaussian width in pixels; default 2.5% of the shorter side, at least 1
                  )->torch.Tensor:
     "One Gaussian per keypoint at video resolution: `(..., K, T, H, W)` float32 in [0, 1], on the keypoints' device; invisible keypoints give zeros."
-    H, W = parse_size(size)
-    kp = torch.as_tensor(keypoints, dtype=torch.float32)
-    vis = torch.as_tensor(visibility, device=kp.device).float()
-    check(kp.ndim >= 3 and kp.shape[-1] == 2 and vis.shape == kp.shape[:-1], "keypoints / visibility", "(..., T, K, 2) and (..., T, K)", (tuple(kp.shape), tuple(vis.shape)))
-    sigma = sigma or max(1.0, 0.025 * min(H, W))
+    kp, vis, (H, W), sigma = _pose_inputs(keypoints, visibility, size, sigma)
     kp, vis = kp.transpose(-3, -2), vis.transpose(-2, -1)                              # (..., K, T, ...): the output's layout
     xs, ys = torch.arange(W, device=kp.device) + 0.5, torch.arange(H, device=kp.device) + 0.5
     gx = torch.exp(-(xs - kp[..., :1]) ** 2 / (2 * sigma ** 2)) * vis[..., None]   # (..., K, T, W)
@@ -362,14 +366,11 @@ def bone_ridges(keypoints,                # (..., T, K, 2) pixel (x, y)
                 cell:int=4                # computed once per cell x cell block (the pose guider's averaging), widened by its blur
                )->torch.Tensor:
     "One Gaussian ridge per bone along the segment between its joints: `(..., len(bones), T, H, W)` float32 in [0, 1]; zero where either joint is hidden."
-    H, W = parse_size(size)
-    kp = torch.as_tensor(keypoints, dtype=torch.float32)
-    vis = torch.as_tensor(visibility, device=kp.device).float()
-    check(kp.ndim >= 3 and kp.shape[-1] == 2 and vis.shape == kp.shape[:-1], "keypoints / visibility", "(..., T, K, 2) and (..., T, K)", (tuple(kp.shape), tuple(vis.shape)))
+    kp, vis, (H, W), sigma = _pose_inputs(keypoints, visibility, size, sigma)
     check(isinstance(cell, int) and cell >= 1 and H % cell == 0 and W % cell == 0, "cell", f"an int >= 1 that divides the size {(H, W)}", cell)
     a, b = torch.tensor([p[0] for p in bones], device=kp.device), torch.tensor([p[1] for p in bones], device=kp.device)
     check(len(bones) > 0 and int(max(a.max(), b.max())) < kp.shape[-2], "bones", f"joint pairs within the {kp.shape[-2]} keypoints", list(bones)[:3])
-    s2 = (sigma or max(1.0, 0.025 * min(H, W))) ** 2 + cell * cell / 12
+    s2 = sigma ** 2 + cell * cell / 12
     ax, ay = kp[..., a, 0, None, None], kp[..., a, 1, None, None]                         # (..., T, bones, 1, 1)
     bx, by = kp[..., b, 0, None, None] - ax, kp[..., b, 1, None, None] - ay
     dx = (torch.arange(W // cell, device=kp.device) + 0.5) * cell - ax                   # cell centres, relative to joint a
