@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['PROBE_HEADS', 'REF_PICKS', 'TRAIN_CONFIGS', 'REGION_CONDITION', 'CONDITION_MODULES', 'CKPT_DIR', 'StageConfig',
-           'paper_stages', 'driving_stage', 'probe_stage', 'active_set', 'combo_name', 'TrainConfig', 'train_config',
-           'config_differences', 'resolve_vae_dir', 'vae_fingerprint', 'encode_clip', 'LatentClips', 'Pick',
-           'pose_gaps', 'draw_pick', 'sample_order', 'step_rng', 'region_loss_weights', 'pose_bones', 'make_batch',
-           'flow_step', 'check_probe_frames', 'ProbeLoss', 'EMA', 'warmup_lambda', 'param_groups', 'save_checkpoint',
-           'latest_checkpoint', 'load_checkpoint', 'StopFlag', 'plot_curves', 'stage_steps', 'train']
+           'paper_stages', 'driving_stage', 'probe_stage', 'active_set', 'combo_name', 'probe_max_ts', 'TrainConfig',
+           'train_config', 'config_differences', 'resolve_vae_dir', 'vae_fingerprint', 'encode_clip', 'LatentClips',
+           'Pick', 'pose_gaps', 'draw_pick', 'sample_order', 'step_rng', 'region_loss_weights', 'pose_bones',
+           'make_batch', 'flow_step', 'check_probe_frames', 'ProbeLoss', 'EMA', 'warmup_lambda', 'param_groups',
+           'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'StopFlag', 'plot_curves', 'stage_steps', 'train']
 
 # %% ../nbs/09_trainer.ipynb #fe52e355
 import contextlib, dataclasses, hashlib, inspect, json, math, os, shutil, signal, tempfile, threading, time, warnings
@@ -86,6 +86,16 @@ def combo_name(on:dict)->str:
 # %% ../nbs/09_trainer.ipynb #73b7af5b
 REF_PICKS = ("uniform", "pose_gap")   # how `draw_pick` chooses the reference frame
 
+def probe_max_ts(max_t:float|dict,            # one noise level for every head, or head -> level (heads left out keep 0.7)
+                 heads)->dict:                   # the heads to give a level
+    "The highest noise level at which the probe loss reads each head's error: `TrainConfig.probe_max_t` spelt out per head."
+    lv = max_t if isinstance(max_t, dict) else {h: max_t for h in heads}
+    check(set(lv) <= set(PROBE_HEADS), "probe_max_t heads", f"some of {tuple(PROBE_HEADS)}", sorted(lv))
+    for h, v in lv.items():
+        check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "probe_max_t" + (f"[{h!r}]" if isinstance(max_t, dict) else ""),
+              "a noise level in (0, 1]", v)
+    return {h: float(lv.get(h, 0.7)) for h in heads}
+
 @dataclasses.dataclass
 class TrainConfig(Config):
     "Everything a DiT training run needs besides the data and the VAE; JSON-editable."
@@ -112,7 +122,7 @@ class TrainConfig(Config):
     region_weights: dict = dataclasses.field(default_factory=dict)  # region ("mouth", "limbs") -> loss weight of its latents in samples whose condition drives it (audio, pose) and whose clip has keypoints; the rest weighs 1
     condition_lr: float = 1.0            # learning-rate multiplier for the audio and pose modules
     motion_noise: float = 0.0            # noise level t put on the motion latents in training (0: clean)
-    probe_max_t: float = 0.7             # the probe loss reads samples up to this noise level (noisier one-step predictions are a blur)
+    probe_max_t: float | dict = 0.7      # the probe loss reads samples up to this noise level (noisier one-step predictions are a blur); a dict sets it per head, e.g. dict(keypoints=1.0, mouth=0.7)
     ref_pick: str = "uniform"            # reference frame: "uniform" outside the window, or "pose_gap": where the pose is on, frames weighted by how far their pose is from the window's
 
     def __post_init__(self):
@@ -126,7 +136,7 @@ class TrainConfig(Config):
                   "a positive weight for 'mouth' or 'limbs'", w)
         check(isinstance(self.condition_lr, (int, float)) and self.condition_lr > 0, "condition_lr", "a positive number", self.condition_lr)
         check(isinstance(self.motion_noise, (int, float)) and 0 <= self.motion_noise < 1, "motion_noise", "a noise level in [0, 1)", self.motion_noise)
-        check(isinstance(self.probe_max_t, (int, float)) and 0 < self.probe_max_t <= 1, "probe_max_t", "a noise level in (0, 1]", self.probe_max_t)
+        probe_max_ts(self.probe_max_t, PROBE_HEADS)                        # a bad noise level or head name fails here
         check(self.ref_pick in REF_PICKS, "ref_pick", f"one of {REF_PICKS}", repr(self.ref_pick))
 
     @property
@@ -430,11 +440,12 @@ class ProbeLoss:
     "An auxiliary loss: the frozen probes read the limbs and the mouth off one decoded frame of the DiT's one-step clean prediction."
     def __init__(self, vae:CausalVAE,               # the frozen VAE that decodes the prediction
                  weights:dict,                      # probe head ("keypoints", "mouth") -> weight
-                 max_t:float=0.7,                   # samples noisier than this are skipped
+                 max_t:float|dict=0.7,              # samples noisier than this are skipped; a dict sets it per head (`probe_max_ts`)
                  probe=None):                       # a `PuppetProbe` (default: the shipped one)
         from omnihuman_nb.metrics import load_probes, KEYPOINT_GROUPS
         check(len(weights) > 0 and set(weights) <= set(PROBE_HEADS), "probe loss heads", f"some of {tuple(PROBE_HEADS)}", sorted(weights))
-        self.vae, self.weights, self.max_t = vae.eval().requires_grad_(False), dict(weights), float(max_t)
+        self.vae, self.weights = vae.eval().requires_grad_(False), dict(weights)
+        self.max_t = probe_max_ts(max_t, self.weights)                                   # head -> highest noise level it reads
         self.probe = (probe if probe is not None else load_probes()).to(next(vae.parameters()).device).eval().requires_grad_(False)
         self.limbs = torch.tensor(KEYPOINT_GROUPS["body"] + KEYPOINT_GROUPS["hands"])   # the joints the pose moves
         self.total, self.count = 0.0, 0
@@ -445,8 +456,8 @@ class ProbeLoss:
                  gen:torch.Generator)->torch.Tensor|None:   # draws the latent frame
         "The weighted probe error, per sample of the batch (0 for those it skips); None when no sample qualifies."
         tr, cm = batch["truth"], batch["condition_mask"]
-        use = {h: cm[PROBE_HEADS[h]] & tr[f"has_{h}"] for h in self.weights}           # (B,) per head: condition on, truth known
-        sel = (t <= self.max_t) & torch.stack(list(use.values())).any(0)                 # (B,)
+        use = {h: cm[PROBE_HEADS[h]] & tr[f"has_{h}"] & (t <= self.max_t[h]) for h in self.weights}   # (B,) per head: condition on, truth known, not too noisy
+        sel = torch.stack(list(use.values())).any(0)                                     # (B,)
         if not sel.any(): return None
         k = int(torch.randint(x0_hat.shape[2], (1,), generator=gen))                     # one latent frame
         f = 0 if k == 0 else 4 * k - 1                                                    # the video frame it looks most like
