@@ -75,7 +75,7 @@ def _bad_clips_status(r): return 1 if r.get("n_bad") else 0
 JSON_OUT = Arg("--json", "json_path", help="also write the figures to this JSON file", kw=dict(type=str))
 THREADS = Arg("--threads", help="torch CPU threads", kw=dict(type=int))
 REPEATS = Arg("--repeats", help="timed rounds (medians are reported)")
-EXPERIMENT_NAMES = ["audio_ratio", "cfg", "long_video", "omni_vs_audio", "pose_ratio"]   # chapter 12's EXPERIMENTS (listed here so --help imports nothing)
+EXPERIMENT_NAMES = ["audio_ratio", "cfg", "long_video", "omni_vs_audio", "pose_ratio", "weak_data"]   # chapter 12's EXPERIMENTS (listed here so --help imports nothing)
 
 COMMANDS = [
     Command("demo", None, "The main job: a talking, a gesturing and a 10-second puppet from the shipped classroom weights, scored, with an HTML report",
@@ -87,10 +87,10 @@ COMMANDS = [
         Arg("--seed", help="sampling seed"),
         Arg("--max-seconds", help="cut every video to this length (a quick look)", kw=dict(type=float)),
         Arg("--device", help="auto, cpu or cuda")]),
-    Command("experiment", None, "Re-run one of the paper's claims at classroom scale, two seeds, with a table and a chart",
+    Command("experiment", None, "Re-run one of the paper's claims at classroom scale with the demo recipe, two seeds, with a table and a chart",
             "omnihuman_nb.experiments:experiment", [
         Arg("name", help="which experiment", kw=dict(choices=EXPERIMENT_NAMES)),
-        Arg("--out", help="experiments folder; its base/ (data, stage-1 and stage-2 models) is made once and reused"),
+        Arg("--out", help="experiments folder; its base/ (clips, held-out render, stage-1 and stage-2 models) is made once and reused"),
         Arg("--seeds", help="comma-separated seeds"),
         Arg("--base-steps", help="training steps of each shared model"),
         Arg("--arm-steps", help="training steps of each arm and seed"),
