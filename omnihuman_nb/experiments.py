@@ -188,7 +188,8 @@ def score_models(pipe, base:dict, cfg:ExperimentConfig, modes=("audio",), seed:i
     gen = dict(cfg_pose=cfg.cfg_pose) | gen
     r = evaluate_model(pipe, base["heldout"], max_clips=cfg.eval_clips, steps=cfg.eval_steps, modes=modes, seed=seed, verbose=False, **gen)
     if reliance and cfg.reliance_clips: r["audio_gap"] = audio_reliance(pipe, base["heldout"], ts=(0.7,), max_clips=cfg.reliance_clips, seed=seed)["rows"][0]["gap"]
-    return {k: r.get(k) for k in METRICS} | dict(videos=sum(r["videos"].values()))
+    keep = lambda d: {k: d.get(k) for k in METRICS if d.get(k) is not None}
+    return {k: r.get(k) for k in METRICS} | dict(videos=sum(r["videos"].values()), still=keep(r["still"]), real=keep(r["real"]))   # a still frame of the reference, and the real clips, scored alike
 
 def summarise(rows:list[dict], metrics)->dict:
     "arm -> metric -> (mean, spread, n) over the rows of that arm (spread: standard deviation; with two seeds, half their difference)."
@@ -372,7 +373,7 @@ def run_experiment(name:str,                         # one of EXPERIMENTS
     base = prepare_base(out, cfg, vae, verbose, upto=upto)
     t_base = time.perf_counter() - t0
     d = Path(out) / name; d.mkdir(parents=True, exist_ok=True)
-    say = (lambda r: print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "segments"), flush=True)) if verbose else None
+    say = (lambda r: print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if not isinstance(v, (dict, list))), flush=True)) if verbose else None
     rows = fn(base, cfg, d, say, model=model) if name == "cfg" else fn(base, cfg, d, say)
     summary = summarise(rows, metrics)
     table = experiment_table(summary, metrics)
