@@ -131,7 +131,7 @@ def mixed_data(base:dict, cfg:ExperimentConfig,
     pool = _render(base["root"] / "weak", clips=cfg.weak_clips, seconds=cfg.seconds, seed=cfg.data_seed + 2, audio_share=0.0, pose_share=0.0,
                    extra_identities=cfg.extra_identities)
     d = base["root"] / f"data_weak{weak:g}x"
-    want = dict(data=str(base["data"]), weak=str(pool), n=n, render=json.loads((pool / "render.json").read_text()))
+    want = dict(data=str(base["data"]), n=n, renders=[json.loads((f / "render.json").read_text()) for f in (base["data"], pool)])   # a new render of either remakes it
     if (d / "mix.json").is_file() and json.loads((d / "mix.json").read_text()) == want: return d
     from omnihuman_nb.data import find_clips
     tmp = d.with_name(d.name + ".tmp"); shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(d, ignore_errors=True); tmp.mkdir(parents=True)
