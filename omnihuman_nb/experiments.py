@@ -153,8 +153,7 @@ class Arm(Config):
 
     def __post_init__(self):
         check(self.stage in (2, 3), "arm stage", "2 or 3 (stage 1 is the shared start)", self.stage)
-        p = self.stage - 1 if self.parent is None else self.parent
-        check(p in (1, 2) and p < self.stage, "arm parent", f"a shared stage before stage {self.stage} (1 or 2)", self.parent)
+        check(self.start in (1, 2) and self.start < self.stage, "arm parent", f"a shared stage before stage {self.stage} (1 or 2)", self.parent)
         check(self.weak >= 0, "arm weak", "a multiple >= 0 of the training clips", self.weak)
 
     @property
