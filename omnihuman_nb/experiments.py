@@ -66,11 +66,21 @@ def _train_config(cfg:ExperimentConfig, seed:int, stages=None):
 
 RUN_KEY = "experiment_run.json"   # what a finished run was trained with; a run is reused only if this matches
 
+def _training(key:dict)->dict:
+    "A run key without the stages' names: labels, which change nothing that is trained."
+    k = json.loads(json.dumps(key))
+    for st in k.get("config", {}).get("stages", []): st.pop("name", None)
+    return k
+
 def _finished(run:Path, key:dict|None=None)->bool:
     "The run finished, and (given `key`) with exactly these settings."
     f = run / "summary.json"
     if not (f.is_file() and json.loads(f.read_text()).get("finished", False)): return False
-    return key is None or ((run / RUN_KEY).is_file() and json.loads((run / RUN_KEY).read_text()) == key)
+    return key is None or ((run / RUN_KEY).is_file() and _training(json.loads((run / RUN_KEY).read_text())) == _training(key))
+
+def _twin(out:Path, key:dict)->Path|None:
+    "A finished run anywhere in the experiments folder `out` trained exactly as `key` says: another experiment's arm, or a shared stage."
+    return next((f.parent for f in sorted(Path(out).glob(f"*/*/{RUN_KEY}")) if _finished(f.parent, key)), None)
 
 def _run_key(base:dict, stage:int, tc, steps:int, init_from, data)->dict:
     from omnihuman_nb.trainer import vae_fingerprint
@@ -78,13 +88,21 @@ def _run_key(base:dict, stage:int, tc, steps:int, init_from, data)->dict:
     return json.loads(json.dumps(key, default=str))      # as it reads back from disk
 
 def _train(base:dict, run:Path, stage:int, tc, steps:int, init_from=None, data=None)->Path:
-    "Train one stage into `run`, or keep it if it finished with the same settings; anything else there is started over."
-    from omnihuman_nb.trainer import train
+    "Train one stage into `run`; keep it if it finished with the same settings, copy a twin trained the same way elsewhere in the experiments folder, or else start over."
+    from omnihuman_nb.trainer import train, CKPT_DIR
     key = _run_key(base, stage, tc, steps, init_from, data or base["data"])
     if _finished(run, key): return run
     shutil.rmtree(run, ignore_errors=True)
-    train(data or base["data"], base["vae"], run, stages=str(stage), steps_per_stage=steps, config=tc,
-          cache_dir=base["cache"], init_from=init_from, verbose=False)
+    twin = _twin(base["root"].parent, key)
+    if twin is not None:                                  # the same training under another name: copied, not repeated
+        tmp = run.with_name(run.name + ".tmp"); shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(twin, tmp)
+        summ = json.loads((tmp / "summary.json").read_text())      # the copy's summary points at itself and says where it came from
+        summ.update(out_dir=str(run), checkpoint=str(run / CKPT_DIR / Path(summ["checkpoint"]).name), copied_from=str(twin))
+        write_text_atomic(tmp / "summary.json", json.dumps(summ, indent=1)); tmp.rename(run)
+    else:
+        train(data or base["data"], base["vae"], run, stages=str(stage), steps_per_stage=steps, config=tc,
+              cache_dir=base["cache"], init_from=init_from, verbose=False)
     write_text_atomic(run / RUN_KEY, json.dumps(key, indent=1))
     return run
 
