@@ -80,7 +80,8 @@ def _finished(run:Path, key:dict|None=None)->bool:
 
 def _twin(out:Path, key:dict)->Path|None:
     "A finished run anywhere in the experiments folder `out` trained exactly as `key` says: another experiment's arm, or a shared stage."
-    return next((f.parent for f in sorted(Path(out).glob(f"*/*/{RUN_KEY}")) if _finished(f.parent, key)), None)
+    runs = [f.parent for f in sorted(Path(out).glob(f"*/*/{RUN_KEY}")) if not f.parent.name.endswith(".tmp")]   # not a copy under way
+    return next((r for r in runs if _finished(r, key)), None)
 
 def _run_key(base:dict, stage:int, tc, steps:int, init_from, data)->dict:
     from omnihuman_nb.trainer import vae_fingerprint
