@@ -90,7 +90,7 @@ COMMANDS = [
     Command("experiment", None, "Re-run one of the paper's claims at classroom scale with the demo recipe, two seeds, with a table and a chart",
             "omnihuman_nb.experiments:experiment", [
         Arg("name", help="which experiment", kw=dict(choices=EXPERIMENT_NAMES)),
-        Arg("--out", help="experiments folder; its base/ (clips, held-out render, stage-1 and stage-2 models) is made once and reused"),
+        Arg("--out", help="experiments folder; its base/ (clips, held-out render, the shared stage-1 model) is made once and reused"),
         Arg("--seeds", help="comma-separated seeds"),
         Arg("--base-steps", help="training steps of each shared model"),
         Arg("--arm-steps", help="training steps of each arm and seed"),

@@ -73,7 +73,7 @@ def _training(key:dict)->dict:
     return k
 
 def _finished(run:Path, key:dict|None=None)->bool:
-    "The run finished, and (given `key`) with exactly these settings."
+    "The run finished, and (given `key`) was trained as `key` says; stage names, being labels, may differ (`_training`)."
     f = run / "summary.json"
     if not (f.is_file() and json.loads(f.read_text()).get("finished", False)): return False
     return key is None or ((run / RUN_KEY).is_file() and _training(json.loads((run / RUN_KEY).read_text())) == _training(key))
@@ -169,11 +169,16 @@ class Arm(Config):
     ratios: dict = dataclasses.field(default_factory=dict)   # condition -> ratio for that stage (the stage with these changes)
     weak: float = 0.0                  # text + reference clips mixed into its data, as a multiple of the training clips (`mixed_data`)
     parent: int | None = None          # the shared model it starts from: 1 or 2 (None: the stage before its own)
+    overrides: dict = dataclasses.field(default_factory=dict)   # `TrainConfig` fields this arm trains with instead of the recipe's, e.g. probe_max_t
 
     def __post_init__(self):
         check(self.stage in (2, 3), "arm stage", "2 or 3 (stage 1 is the shared start)", self.stage)
         check(self.start in (1, 2) and self.start < self.stage, "arm parent", f"a shared stage before stage {self.stage} (1 or 2)", self.parent)
         check(self.weak >= 0, "arm weak", "a multiple >= 0 of the training clips", self.weak)
+        from omnihuman_nb.trainer import TrainConfig
+        fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"stages", "seed"}
+        bad = sorted(set(self.overrides) - fields)
+        check(not bad, "arm overrides", f"TrainConfig fields other than stages and seed ({', '.join(sorted(fields))})", bad)
 
     @property
     def start(self)->int: return self.stage - 1 if self.parent is None else self.parent
@@ -184,7 +189,7 @@ def train_arm(base:dict, arm:Arm, seed:int, cfg:ExperimentConfig, out:Path)->Pat
     stages = experiment_stages(cfg)
     st = stages[arm.stage - 1]
     stages[arm.stage - 1] = st.replace(name=f"{st.name} [{arm.name}]", ratios={**st.ratios, **arm.ratios})
-    return _train(base, Path(out) / f"{arm.name}_seed{seed}", arm.stage, _train_config(cfg, seed, stages), cfg.arm_steps,
+    return _train(base, Path(out) / f"{arm.name}_seed{seed}", arm.stage, _train_config(cfg, seed, stages).replace(**arm.overrides), cfg.arm_steps,
                   init_from=base[f"stage{arm.start}"], data=mixed_data(base, cfg, arm.weak))
 
 def pipeline_for(run, base:dict, cfg:ExperimentConfig|None=None):
@@ -369,7 +374,8 @@ EXPERIMENTS = {   # name -> (run, metrics, shared stages it branches from)
                                       ("audio",), ("sync_r", "audio_gap", "hand_var", "identity_drift", "fd")),
     "audio_ratio": _arms_experiment([Arm(f"audio {r:g}", 2, dict(audio=r)) for r in (0.1, 0.5, 1.0)],
                                     ("audio",), ("sync_r", "audio_gap", "hand_var", "identity_drift", "fd")),
-    "pose_ratio": _arms_experiment([Arm(f"pose {r:g}", 3, dict(pose=r)) for r in (0.2, 0.5, 0.8)],
+    "pose_ratio": _arms_experiment([Arm(f"pose {r:g}", 3, dict(pose=r), parent=1, overrides=dict(probe_max_t=dict(keypoints=1.0, mouth=0.7)))
+                                    for r in (0.2, 0.5, 0.8)],
                                    ("audio", "pose"), ("hand_var", "pck", "sync_r", "audio_gap", "identity_drift")),
     "cfg": (_cfg_experiment, ("sync_r", "flicker", "fd", "identity_drift"), 0),
     "long_video": (_long_experiment, ("drift_first", "drift_last", "drift_ratio", "colour_shift_last"), 1),
