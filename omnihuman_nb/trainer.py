@@ -11,7 +11,7 @@ __all__ = ['PROBE_HEADS', 'REF_PICKS', 'TRAIN_CONFIGS', 'REGION_CONDITION', 'CON
            'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'StopFlag', 'plot_curves', 'stage_steps', 'train']
 
 # %% ../nbs/09_trainer.ipynb #fe52e355
-import contextlib, dataclasses, hashlib, inspect, json, math, os, shutil, signal, tempfile, threading, time, warnings
+import contextlib, copy, dataclasses, hashlib, inspect, json, math, os, shutil, signal, tempfile, threading, time, warnings
 from collections import Counter
 from pathlib import Path
 
@@ -155,7 +155,7 @@ _SCHEDULE_KEYS = ("steps_per_stage", "checkpoint_every", "keep_checkpoints")   #
 def train_config(config:str|Path|TrainConfig="classroom", **overrides)->TrainConfig:
     "A `TrainConfig` from a name in `TRAIN_CONFIGS`, a JSON file, or a config; `overrides` applied."
     if isinstance(config, TrainConfig): cfg = config
-    elif str(config) in TRAIN_CONFIGS: cfg = TrainConfig(**TRAIN_CONFIGS[str(config)])
+    elif str(config) in TRAIN_CONFIGS: cfg = TrainConfig(**copy.deepcopy(TRAIN_CONFIGS[str(config)]))   # a copy: editing it leaves the named config as it is
     elif str(config).endswith(".json") or str(config).lstrip().startswith("{"): cfg = TrainConfig.from_json(config)
     else: raise BadInputError("train config", f"one of {sorted(TRAIN_CONFIGS)} or a JSON file", repr(str(config)))
     return cfg.replace(**overrides) if overrides else cfg
