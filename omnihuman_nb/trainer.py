@@ -649,7 +649,8 @@ def _init_checkpoint(init_from, model_cfg:dict, vae_id:str)->Path:
     return ck
 
 # %% ../nbs/09_trainer.ipynb #c9a1b002
-def _build_model(model_cfg:dict, cfg:TrainConfig, init:Path|None)->tuple:
+def _build_model(model_cfg:dict, cfg:TrainConfig, init:Path|None,
+                 fused:bool=False)->tuple:   # AdamW as one fused kernel (CPU and CUDA); else a loop over the parameters
     "(model, EMA, optimizer, lr schedule) for a fresh run, or for a branch from `init`'s weights and EMA."
     torch.manual_seed(cfg.seed)
     model = OmniHumanDiT(**model_cfg)
@@ -658,7 +659,7 @@ def _build_model(model_cfg:dict, cfg:TrainConfig, init:Path|None)->tuple:
         model.load_state_dict(load_file(init / "model" / "diffusion_pytorch_model.safetensors"))
         ema.load_state_dict(load_file(init / "ema.safetensors"), json.loads((init / "trainer_state.json").read_text())["step"])
     groups = param_groups(model, cfg) if cfg.condition_lr != 1 else model.parameters()   # one group otherwise: older checkpoints resume
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))
     return model, ema, opt, sched
 
@@ -758,7 +759,7 @@ def train(data_dir,                          # folder of clip folders (see chapt
         text_h = {c: hs[i, :max(int(lens[i]), 1)].float().cpu() for i, c in enumerate(caps)}
     probes = {i: ProbeLoss(vae, cfg.stages[i].probe_loss, cfg.probe_max_t) for i in order if cfg.stages[i].probe_loss}
     if probes: check_probe_frames(data)
-    model, ema, opt, sched = _build_model(model_cfg, cfg, init)
+    model, ema, opt, sched = _build_model(model_cfg, cfg, init, fused=dev.type in ("cpu", "cuda"))
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     state = dict(step=0, stage_pos=0, stage_step=0, stage_seconds=0.0, stages=[i + 1 for i in order], vae_id=vae_id,
