@@ -187,6 +187,12 @@ COMMANDS = [
         JSON_OUT,
         Arg("--steps", help="timed steps"),
         THREADS]),
+    Command("bench", "step", "Two pieces of a training step timed both ways: the probe reading with frame 0 as a 2D conv or in 3D, and AdamW fused or as a loop",
+            "omnihuman_nb.bench:bench_step_parts", [
+        JSON_OUT,
+        Arg("--batch", help="frames the probe reading decodes"),
+        REPEATS,
+        THREADS]),
     Command("bench", "sample", "Seconds of compute per second of video, and the speed-up of batched CFG",
             "omnihuman_nb.bench:bench_sample", [
         JSON_OUT,

@@ -62,6 +62,7 @@ def _train_config(cfg:ExperimentConfig, seed:int, stages=None):
     from omnihuman_nb.trainer import train_config
     base = train_config(cfg.config)
     return base.replace(seed=seed, batch_size=cfg.batch_size, stages=stages or experiment_stages(cfg), checkpoint_every=10**6,
+                        probe_max_t=0.7,   # the probes read samples up to t = 0.7, as in every table of this chapter (an arm may override it)
                         dit_overrides={**base.dit_overrides, **cfg.dit_overrides})
 
 RUN_KEY = "experiment_run.json"   # what a finished run was trained with; a run is reused only if this matches

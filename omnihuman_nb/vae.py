@@ -20,6 +20,7 @@ from .core import BadInputError, check, check_shape, check_finite
 # %% ../nbs/03_causal_vae.ipynb #5d0137ad
 class CausalConv3d(nn.Conv3d):
     "Conv3d padded only on the past side (copies of frame 0), with a cache of the frames the next chunk needs."
+    frame0_2d = True   # a lone frame 0 takes the 2D path below; False: the general path (for checks and benchmarks)
     def __init__(self,
                  cin:int,        # input channels
                  cout:int,       # output channels
@@ -33,7 +34,7 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x):
         kt, st = self.kernel_size[0], self.stride[0]
         if kt == 1 and st == 1: return super().forward(x)
-        if self.cache is None and x.shape[2] == 1 and st <= kt:   # a lone frame 0: its one window is kt copies of it
+        if self.frame0_2d and self.cache is None and x.shape[2] == 1 and st <= kt:   # a lone frame 0: its one window is kt copies of it
             self.cache = x.expand(-1, -1, kt - st, -1, -1).clone()   # what the general path keeps: the copies from the next window on
             return F.conv2d(x[:, :, 0], self.weight.sum(2), self.bias, self.stride[1:], self.padding[1:])[:, :, None]
         past = x[:, :, :1].expand(-1, -1, kt - 1, -1, -1) if self.cache is None else self.cache
