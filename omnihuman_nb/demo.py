@@ -91,6 +91,8 @@ def ship_weights(run_dir,                 # a train_classroom run (or any folder
     run, dest, sampling = Path(run_dir), Path(dest) if dest is not None else CLASSROOM_DIR, dict(sampling or {})
     check(set(sampling) <= set(SAMPLING_KEYS), "sampling", f"keys among {SAMPLING_KEYS}", sorted(set(sampling) - set(SAMPLING_KEYS)))
     check(not sampling or (run / "recipe.json").is_file(), "sampling", "a run with a recipe.json to record them in", str(run))
+    recipe = json.loads((run / "recipe.json").read_text()) | sampling if sampling else None
+    if recipe is not None: DemoRecipe.from_dict(recipe)            # the recorded settings must still make a valid recipe, before anything is written
     pipe = assemble_pipeline(run / "dit", run / "vae")
     _, ckpt = _resolve_dit(run / "dit")
     state = json.loads((ckpt / "trainer_state.json").read_text()) if ckpt is not None and (ckpt / "trainer_state.json").is_file() else {}
@@ -100,10 +102,7 @@ def ship_weights(run_dir,                 # a train_classroom run (or any folder
     (dest / "dit" / "trainer_state.json").write_text(json.dumps({"config": state.get("config", {})}, indent=1) + "\n")
     for f in ("recipe.json", "summary.json"):
         if (run / f).is_file(): shutil.copy(run / f, dest / f)
-    if sampling:
-        recipe = json.loads((dest / "recipe.json").read_text()) | sampling
-        DemoRecipe.from_dict(recipe)                             # the recorded settings must still make a valid recipe
-        write_text_atomic(dest / "recipe.json", json.dumps(recipe, indent=2) + "\n")
+    if recipe is not None: write_text_atomic(dest / "recipe.json", json.dumps(recipe, indent=2) + "\n")
     return dest
 
 def classroom_pipeline(model=None,        # None: the shipped bundle; or a bundle, a pipeline folder, or a train_classroom run
