@@ -263,6 +263,7 @@ def render_dataset(out:str|Path,               # folder to write (created)
                    extra_identities:int=0,     # more training identities after the pool's n_identities (never held out)
                    framings=None,              # framings to use (default: all of FRAMINGS), balanced across clips
                    gestures=None,              # gestures to use (default: all of GESTURES), balanced across clips
+                   long_pauses:float=0.0,      # share of the speech's pauses between words that last 0.5-1.1 s (chapter 01's speech_audio)
                    verbose:bool=True)->dict:
     "Render `clips` puppet clips with mixed availability into `out`; returns a summary dict."
     check(clips >= 1, "clips", ">= 1", clips)
@@ -287,14 +288,14 @@ def render_dataset(out:str|Path,               # folder to write (created)
         ident = pool[who[i]]
         split = "heldout" if ident.id in held else "train"
         c = render_puppet_clip(seed=seed * 100003 + i, size=(H, W), seconds=seconds, identity=ident,
-                               gesture=str(gesture_of[i]), framing=str(framing_of[i]))
+                               gesture=str(gesture_of[i]), framing=str(framing_of[i]), long_pauses=long_pauses)
         name = f"clip_{i:05d}"
         write_puppet_clip(out / name, c, bool(has_audio[i]), bool(has_pose[i]), meta=dict(split=split, seed=seed * 100003 + i))
         index.append(dict(name=name, identity=ident.id, split=split, has_audio=bool(has_audio[i]), has_pose=bool(has_pose[i]),
                           gesture=c.truth["gesture"], framing=c.truth["framing"]))
     secs = time.perf_counter() - t0
     doc = dict(format="omnihuman-puppet-dataset/1", seed=seed, size=[H, W], seconds=seconds, fps=FPS,
-               audio_share=audio_share, pose_share=pose_share, identities=[p.to_dict() for p in pool], held_out=held, clips=index)
+               audio_share=audio_share, pose_share=pose_share, long_pauses=long_pauses, identities=[p.to_dict() for p in pool], held_out=held, clips=index)
     write_text_atomic(out / "dataset.json", json.dumps(doc, indent=1) + "\n")
     res = dict(out=str(out), clips=clips, with_audio=int(has_audio.sum()), with_pose=int(has_pose.sum()),
                held_out_identities=held, heldout_clips=sum(r["split"] == "heldout" for r in index), seconds_taken=round(secs, 2))

@@ -32,7 +32,8 @@ class DemoRecipe(Config):
     audio_share: float = 1.0                 # share of clips rendered with speech, and ...
     pose_share: float = 1.0                  # ... with keypoints: all, so the stages' ratios alone decide what is on (chapter 16)
     extra_identities: int = 64               # training identities beyond the default 8 (chapter 02; chapter 16 says why); 6 and 7 stay held out
-    vae_minutes: float = 12.0                # VAE training budget ...
+    long_pauses: float = 0.15                # share of the speech's pauses between words that last 0.5-1.1 s (chapter 01; chapter 16 says why)
+    vae_minutes: float = 10.0                # VAE training budget (chapter 16: its held-out PSNR is flat after about 3500 steps) ...
     vae_steps: int | None = None             # ... or a step budget instead
     dit_minutes_per_stage: float = 4.0       # DiT training budget per stage, used when dit_steps_per_stage is None
     dit_steps_per_stage: int | None = 3000   # DiT steps per stage of length 1 (deterministic, whatever the machine's load); the config's stages scale it
@@ -64,7 +65,7 @@ def train_classroom(out_dir="outputs/classroom",      # the run folder (data/, v
         nonlocal t
         minutes[name] = round((time.perf_counter() - t) / 60, 2); t = time.perf_counter()
     render_dataset(out / "data", clips=r.clips, seconds=r.seconds, seed=r.seed, audio_share=r.audio_share, pose_share=r.pose_share,
-                   extra_identities=r.extra_identities, verbose=verbose); lap("data")
+                   extra_identities=r.extra_identities, long_pauses=r.long_pauses, verbose=verbose); lap("data")
     vae = train_vae(out / "data", out / "vae", steps=r.vae_steps, minutes=None if r.vae_steps else r.vae_minutes,
                     resume=False, progress=verbose, seed=r.seed); lap("vae")
     dit = train(out / "data", out / "vae", out / "dit", stages=r.stages, steps_per_stage=r.dit_steps_per_stage,

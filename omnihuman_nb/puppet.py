@@ -49,8 +49,8 @@ def _smooth(x:np.ndarray, n:int)->np.ndarray:
     k = np.hanning(n + 2)[1:-1]; k /= k.sum()
     return np.convolve(np.pad(x, (n // 2, n - 1 - n // 2), mode="edge"), k, mode="valid")
 
-def _plan_syllables(seconds, rng):
-    "Syllables as (start s, duration s, vowel, gain, pitch factor, has consonant), grouped in words."
+def _plan_syllables(seconds, rng, long_pauses=0.0):
+    "Syllables as (start s, duration s, vowel, gain, pitch factor, has consonant), grouped in words; a `long_pauses` share of the gaps last 0.5-1.1 s."
     plan, t = [], rng.uniform(0.05, 0.25)
     while t < seconds - 0.2:
         for _ in range(rng.integers(1, 4)):
@@ -58,21 +58,23 @@ def _plan_syllables(seconds, rng):
             if t + d > seconds - 0.05: break
             plan.append((t, d, "aeiou"[rng.integers(5)], rng.uniform(0.55, 1.0), 1 + 0.12 * rng.standard_normal(), rng.random() < 0.5))
             t += d
-        t += rng.uniform(0.08, 0.35)
+        t += rng.uniform(0.5, 1.1) if long_pauses > 0 and rng.random() < long_pauses else rng.uniform(0.08, 0.35)
     return plan
 
 # %% ../nbs/01_puppet.ipynb #db58bddc
 def speech_audio(seconds:float=2.0,  # length of the audio
                  seed:int=0,          # fixes every random choice
                  pitch:float=140.0,   # mean voice pitch in Hz (about 110 for a man, 210 for a woman)
+                 long_pauses:float=0.0, # share of the pauses between words that last 0.5-1.1 s instead of 0.08-0.35 s
                  sr:int=SR):
     "Speech-like audio: syllables with pitch, formants and pauses. Returns `(wav float32, info)`."
     check(seconds > 0 and 50 <= pitch <= 400, "speech_audio arguments", "seconds > 0 and 50 <= pitch <= 400", (seconds, pitch))
+    check(0 <= long_pauses <= 1, "long_pauses", "a share between 0 and 1", long_pauses)
     rng = np.random.default_rng([seed, 33])
     n = int(round(seconds * sr))
     amp, noise_amp, openness = np.zeros(n), np.zeros(n), np.zeros(n)
     f0, F = np.full(n, float(pitch)), np.tile(np.array(VOWELS["a"][:3], float), (n, 1))
-    plan = _plan_syllables(seconds, rng)
+    plan = _plan_syllables(seconds, rng, long_pauses)
     att, rel = int(0.03 * sr), int(0.05 * sr)
     for t0, d, v, g, pf, cons in plan:
         i0, i1 = int(t0 * sr), int((t0 + d) * sr)
@@ -458,6 +460,7 @@ def render_puppet_clip(seed:int=0,                  # fixes every choice left op
                        gesture:str|None=None,       # default: drawn from GESTURES
                        framing:str|None=None,       # default: drawn from FRAMINGS
                        audio=None,                  # None: speech_audio; or float32 array at SR; or a path to an audio file
+                       long_pauses:float=0.0,       # with audio=None: speech_audio's share of long pauses between words
                        fps:int=FPS)->PuppetClip:
     "Render one puppet clip: video, audio, keypoints, caption and ground truth."
     check(SR % fps == 0, "fps", f"a divisor of {SR}", fps)
@@ -468,7 +471,7 @@ def render_puppet_clip(seed:int=0,                  # fixes every choice left op
     framing = framing if framing is not None else list(FRAMINGS)[rng.integers(len(FRAMINGS))]
     if audio is None:
         check(seconds is not None and seconds > 0, "seconds", "> 0 (or audio to take the length from)", seconds)
-        audio = speech_audio(seconds, seed, pitch=ident.pitch)[0]
+        audio = speech_audio(seconds, seed, pitch=ident.pitch, long_pauses=long_pauses)[0]
     elif isinstance(audio, (str, Path)): audio = load_wav(audio)
     audio = np.asarray(audio, np.float32)
     check(audio.ndim == 1, "audio", "a mono 1-D array at 16 kHz", audio.shape)
