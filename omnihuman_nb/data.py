@@ -271,6 +271,7 @@ def render_dataset(out:str|Path,               # folder to write (created)
     check(0 <= n_held_out < n_identities, "n_held_out", f"between 0 and n_identities - 1 = {n_identities - 1}", n_held_out)
     check(isinstance(extra_identities, int) and extra_identities >= 0, "extra_identities", "an int >= 0", extra_identities)
     check(seconds * FPS >= 1, "seconds", f">= {1 / FPS}", seconds)
+    check(0 <= long_pauses <= 1, "long_pauses", "a share between 0 and 1", long_pauses)
     H, W = parse_size(size)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     pool = identity_pool(n_identities + extra_identities, identity_seed)   # the first n_identities are the same with or without extras
