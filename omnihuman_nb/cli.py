@@ -108,7 +108,8 @@ COMMANDS = [
         Arg("--identities", "n_identities", help="size of the identity pool"),
         Arg("--held-out", "n_held_out", help="identities (the pool's last) held out for evaluation"),
         Arg("--identity-seed", help="seed of the identity pool (keep it to share identities across datasets)"),
-        Arg("--extra-identities", help="more training identities after the pool's (never held out)")]),
+        Arg("--extra-identities", help="more training identities after the pool's (never held out)"),
+        Arg("--long-pauses", help="share of the speech's pauses between words that last 0.5-1.1 s instead of 0.08-0.35 s")]),
     Command("data", "check", "Check a folder of clips and report every bad one", "omnihuman_nb.data:check_dataset", [
         Arg("root", help="a clip folder or a folder of clip folders"),
         Arg("--decode", help="decode every frame (--no-decode trusts the container headers)")],

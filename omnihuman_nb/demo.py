@@ -32,7 +32,7 @@ class DemoRecipe(Config):
     audio_share: float = 1.0                 # share of clips rendered with speech, and ...
     pose_share: float = 1.0                  # ... with keypoints: all, so the stages' ratios alone decide what is on (chapter 16)
     extra_identities: int = 64               # training identities beyond the default 8 (chapter 02; chapter 16 says why); 6 and 7 stay held out
-    long_pauses: float = 0.0                 # share of the speech's pauses between words that last 0.5-1.1 s (chapter 01; chapter 16 tries 0.15)
+    long_pauses: float = 0.15                # share of the speech's pauses between words that last 0.5-1.1 s (chapter 01; chapter 16 says why)
     vae_steps: int | None = 4500             # VAE training steps (the same weights on any machine) ...
     vae_minutes: float = 12.0                # ... or, with vae_steps=None, a budget in minutes
     dit_minutes_per_stage: float = 4.0       # DiT training budget per stage, used when dit_steps_per_stage is None

@@ -148,7 +148,8 @@ TRAIN_CONFIGS["demo"] = dict(TRAIN_CONFIGS["classroom"],                  # the 
                              dit_overrides=dict(TRAIN_CONFIGS["classroom"]["dit_overrides"], skip_gate=True,    # the x_t gate and
                                                 refiner_width=32),                                             # the refiner (chapter 06),
                              stages=[*(s.replace(length=0.5) for s in paper_stages()),   # the paper's stages at half length, then the
-                                     probe_stage().replace(length=3.0)],                        # driven stage the probes read, three times as long,
+                                     probe_stage().replace(length=3.0,                          # driven stage the probes read, three times as long,
+                                                           probe_loss=dict(keypoints=30.0, mouth=10.0))],  # the keypoints read three times as heavily,
                              region_weights=dict(mouth=30.0, limbs=3.0),  # the mouth and limbs weigh more,
                              probe_max_t=dict(keypoints=1.0, mouth=0.7))  # and the keypoints are read at every noise level (all chapter 16)
 TRAIN_CONFIGS["demo_equal"] = dict(TRAIN_CONFIGS["demo"], stages=[*paper_stages(), probe_stage()], probe_max_t=0.7)   # the recipe of the earlier bundles: four
