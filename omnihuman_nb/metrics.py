@@ -574,7 +574,7 @@ def _summarise(rows:list[dict])->dict:
     keys = ("sync_r", "sync_lag", "kp_err", "pck", "pck_face", "pck_body", "pck_hands", "hand_var", "identity_drift", "flicker_raw")
     return {k: _mean([r.get(k) for r in rows]) for k in keys}
 
-def evaluate_model(model_dir,                     # a pipeline folder (`omnihuman pipeline assemble`, OmniHumanPipeline.save_pretrained), or a loaded pipeline
+def evaluate_model(model_dir,                     # weights as `load_pipeline` takes them (a pipeline folder, a bundle, a `demo --train` run), or a loaded pipeline
                    data_dir:str|Path,             # a rendered dataset; its held-out clips are scored
                    json_path:str|Path|None=None,  # also write the results here
                    max_clips:int|None=None,       # score at most this many held-out clips
@@ -592,7 +592,7 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
     "Generate from every held-out clip (audio-driven if it has audio, pose-driven if it has pose, else from text) and score the videos next to the real clips."
     from omnihuman_nb.core import get_device
     from omnihuman_nb.data import usable_clips, read_clip
-    from omnihuman_nb.pipeline import OmniHumanPipeline
+    from omnihuman_nb.pipeline import OmniHumanPipeline, load_pipeline
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                 # broken clips are check_dataset's business, not this command's
         clips, _ = usable_clips(data_dir, 3, split="heldout")
@@ -600,7 +600,7 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
           hint="Render a dataset with `omnihuman data render` (it holds out identities 6 and 7).")
     check(modes is None or (len(modes) > 0 and set(modes) <= {"audio", "pose", "text"}), "modes", "some of ('audio', 'pose', 'text')", modes)
     if isinstance(model_dir, OmniHumanPipeline): pipe = model_dir
-    else: pipe = OmniHumanPipeline.from_pretrained(model_dir).to(get_device(device))
+    else: pipe = load_pipeline(model_dir, device)      # sampling as the weights' recipe says, where they have one
     pipe.set_progress_bar_config(disable=True)
     probe, seg, t0 = load_probes(probes), segment_frames or pipe.config.segment_frames, time.perf_counter()
     loaded = [read_clip(c) for c in clips]
@@ -653,7 +653,7 @@ def evaluate_model(model_dir,                     # a pipeline folder (`omnihuma
 
 # %% ../nbs/11_metrics.ipynb #240a83ab
 def evaluate(video=None,                   # one video to score (mode 1) ...
-             model_dir=None,               # ... or a pipeline folder (mode 2, with data_dir)
+             model_dir=None,               # ... or weights: a pipeline folder, a bundle or a `demo --train` run (mode 2, with data_dir)
              data_dir=None,                # the rendered dataset whose held-out clips mode 2 generates from
              audio=None, pose=None, ref=None,   # mode 1: the driving audio, pose and the reference image
              real=None,                    # mode 1: real clips for fd and flicker (default: the shipped reference clips)
