@@ -143,4 +143,6 @@ def test_evaluate_model_on_the_sample_clips(tmp_path):
     for k in ("sync_r", "sync_lag", "pck", "kp_err", "hand_var", "identity_drift", "fd", "flicker"): assert saved[k] is not None, k
     assert saved["real"]["sync_r"] > 0.9 and saved["real"]["pck"] > 0.9
     with pytest.raises(BadInputError, match="held-out clips"): evaluate_model(tmp_path / "pipe", data / "clip_00000", verbose=False)
-    with pytest.raises(BadInputError, match="model folder"): evaluate_model(tmp_path / "nope", data, verbose=False)
+    with pytest.raises(BadInputError, match="model: expected a pipeline folder"): evaluate_model(tmp_path / "nope", data, verbose=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="a bundle with dit/ and vae/"): evaluate_model(tmp_path / "empty", data, verbose=False)
