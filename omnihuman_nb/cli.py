@@ -82,7 +82,7 @@ COMMANDS = [
             "omnihuman_nb.demo:demo", [
         Arg("--out", help="folder for the videos, metrics.json and report.html"),
         Arg("--model", help="weights instead of the shipped ones: a bundle, a pipeline folder or a `demo --train` run", kw=dict(type=str)),
-        Arg("--train", help="first make the weights with the recipe (about 43 min on 2 CPU cores), then use them"),
+        Arg("--train", help="first make the weights with the recipe (about 44 min on 2 CPU cores), then use them"),
         Arg("--steps", help="sampling steps per segment (default: the weights' own, 3 for the classroom weights)", kw=dict(type=int)),
         Arg("--seed", help="sampling seed"),
         Arg("--max-seconds", help="cut every video to this length (a quick look)", kw=dict(type=float)),

@@ -231,7 +231,7 @@ def write_report(results:list[dict], path, info:dict|None=None)->Path:
 # %% ../nbs/15_demo.ipynb #ce337a70
 def demo(out="outputs/demo",             # where the videos, metrics.json and report.html go
          model=None,                     # None: the shipped classroom weights; or a bundle, a pipeline folder, a train_classroom run
-         train:bool=False,               # make the weights first with the recipe (about 42 minutes on 2 CPU cores)
+         train:bool=False,               # make the weights first with the recipe (about 44 minutes on 2 CPU cores)
          steps:int|None=None,            # Euler steps per segment; None: the weights' own (their recipe's sample_steps)
          seed:int=0,
          max_seconds:float|None=None,    # cut every video to this length (quick looks)

@@ -590,7 +590,6 @@ def evaluate_model(model_dir,                     # weights as `load_pipeline` t
                    device:str="auto",
                    verbose:bool=True)->dict:
     "Generate from every held-out clip (audio-driven if it has audio, pose-driven if it has pose, else from text) and score the videos next to the real clips."
-    from omnihuman_nb.core import get_device
     from omnihuman_nb.data import usable_clips, read_clip
     from omnihuman_nb.pipeline import OmniHumanPipeline, load_pipeline
     with warnings.catch_warnings():
