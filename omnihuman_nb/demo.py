@@ -40,8 +40,10 @@ class DemoRecipe(Config):
     config: str = "demo"                     # the DiT's TrainConfig: a name in TRAIN_CONFIGS or a JSON file
     stages: str = "1,2,3,4"                  # the config's stages to run
     sample_steps: int = 3                    # Euler steps per segment the weights sample with (`load_pipeline` reads it; chapter 16)
-    noise_mix: float = 0.95                  # share of the starting noise every frame shares (chapter 10's `noise_mix`; chapter 16 picks it on a validation render)
+    noise_mix: float = 0.99                  # share of the starting noise every frame shares (chapter 10's `noise_mix`; chapter 16 picks it)
     cfg_pose: float = 1.5                    # pose guidance scale the weights sample with (chapter 08; chapter 16 picks it on a validation render)
+    cfg_audio: float = 3.0                   # audio guidance scale at the first step (chapter 10)
+    cfg_text: float = 1.0                    # text guidance scale at the first step: 1, none (chapter 16 says why)
 
 _RUN_PARTS = ("data", "vae", "dit", "pipeline")
 
@@ -80,7 +82,7 @@ def train_classroom(out_dir="outputs/classroom",      # the run folder (data/, v
     return summary
 
 # %% ../nbs/15_demo.ipynb #23a52a3d
-SAMPLING_KEYS = ("sample_steps", "noise_mix", "cfg_pose")   # the recipe's fields that say how the weights sample, not how they were made
+SAMPLING_KEYS = ("sample_steps", "noise_mix", "cfg_pose", "cfg_audio", "cfg_text")   # the recipe's fields that say how the weights sample, not how they were made
 
 def ship_weights(run_dir,                 # a train_classroom run (or any folder with dit/ and vae/ as the trainer and train_vae write them)
                  dest=None,               # where the bundle goes (default: the package's assets/classroom)
@@ -252,7 +254,7 @@ def demo(out="outputs/demo",             # where the videos, metrics.json and re
         for job in tqdm(jobs, desc="demo videos", disable=not verbose):
             results.append(run_job(pipe, job, out, steps, seed))
     shipped = CLASSROOM_DIR / "metrics.json"
-    info = dict(weights=str(weights), steps=steps or pipe.config.steps, noise_mix=pipe.config.noise_mix, cfg_pose=pipe.config.cfg_pose, seed=seed, max_seconds=max_seconds, device=str(pipe.device), threads=torch.get_num_threads(),
+    info = dict(weights=str(weights), steps=steps or pipe.config.steps, noise_mix=pipe.config.noise_mix, cfg_pose=pipe.config.cfg_pose, cfg_audio=pipe.config.cfg_audio, cfg_text=pipe.config.cfg_text, seed=seed, max_seconds=max_seconds, device=str(pipe.device), threads=torch.get_num_threads(),
                 minutes=round((time.perf_counter() - t0) / 60, 2), trained=trained,
                 shipped_scores=json.loads(shipped.read_text())["targets"] if weights != CLASSROOM_DIR and shipped.is_file() else None)
     keep = lambda m: {k: v for k, v in m.items() if not isinstance(v, dict)}

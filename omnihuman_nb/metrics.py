@@ -579,7 +579,8 @@ def evaluate_model(model_dir,                     # weights as `load_pipeline` t
                    json_path:str|Path|None=None,  # also write the results here
                    max_clips:int|None=None,       # score at most this many held-out clips
                    steps:int|None=None,           # Euler steps per segment (None: the pipeline's own)
-                   cfg_audio:float=3.0, cfg_text:float=2.0,
+                   cfg_audio:float|None=None,     # audio guidance (None: the pipeline's own)
+                   cfg_text:float|None=None,      # text guidance (None: the pipeline's own)
                    anneal:str="linear",           # CFG annealing: "linear", "cosine" or "none" (constant scales)
                    cfg_pose:float|None=None,      # pose guidance in pose-driven videos (None: the pipeline's own)
                    seed:int=0,
@@ -641,7 +642,8 @@ def evaluate_model(model_dir,                     # weights as `load_pipeline` t
     gen["flicker"], real["flicker"] = gen["flicker_raw"] / max(real["flicker_raw"], 1e-9), 1.0
     real["hand_var"] = _mean([r["hand_var"] for r, c in zip(real_rows, loaded) if c.audio is not None])   # the clips audio-driven videos copy
     res = dict(gen, model=str(model_dir) if not isinstance(model_dir, OmniHumanPipeline) else "pipeline", data=str(data_dir), clips=len(clips), videos={m: sum(j[1] == m for j in jobs) for m in ("audio", "pose", "text")},
-               steps=steps or pipe.config.steps, cfg_audio=cfg_audio, cfg_text=cfg_text, anneal=anneal, seed=seed,
+               steps=steps or pipe.config.steps, cfg_audio=pipe.config.cfg_audio if cfg_audio is None else cfg_audio,
+               cfg_text=pipe.config.cfg_text if cfg_text is None else cfg_text, anneal=anneal, seed=seed,
                cfg_pose=pipe.config.cfg_pose if cfg_pose is None else cfg_pose, seconds=round(time.perf_counter() - t0, 1), real=real, still=still,
                per_video=[{k: v for k, v in r.items() if k != "sync_curve"} for r in gen_rows])
     if verbose:
@@ -659,7 +661,7 @@ def evaluate(video=None,                   # one video to score (mode 1) ...
              json_path=None,               # also write the results here
              max_lag:int=5,                # sync lag search, frames each way
              segment_frames:int|None=None, # identity drift segment length (mode 1 default 25; mode 2: the pipeline's segments)
-             max_clips:int|None=None, steps:int|None=None, cfg_audio:float=3.0, cfg_text:float=2.0, seed:int=0,   # mode 2
+             max_clips:int|None=None, steps:int|None=None, cfg_audio:float|None=None, cfg_text:float|None=None, seed:int=0,   # mode 2 (None: the weights' own)
              cfg_pose:float|None=None,     # mode 2: pose guidance (None: the pipeline's own)
              device:str="auto",            # mode 2
              probes=None,                  # probe weights (None: the shipped ones)

@@ -211,11 +211,14 @@ class OmniHumanPipeline(DiffusionPipeline):
                  shift:float|None=None,     # time shift; None: from the token count (`flow.shift_for_tokens`)
                  steps:int=20,              # sampling steps per segment when a call names none
                  noise_mix:float=0.0,       # share of every latent frame's starting noise drawn once per video (0: independent frames; see `iter_segments`)
-                 cfg_pose:float=1.0):       # pose guidance scale when a call names none (1: none; `flow.guided_velocity`)
+                 cfg_pose:float=1.0,        # pose guidance scale when a call names none (1: none; `flow.guided_velocity`)
+                 cfg_audio:float=3.0,       # audio guidance scale at the first step when a call names none
+                 cfg_text:float=2.0):       # text guidance scale at the first step when a call names none (1: none)
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, audio_features=audio_features, scheduler=scheduler)
         self.register_to_config(height=height, width=width, segment_frames=segment_frames, motion_frames=motion_frames, motion=motion,
-                                motion_latents=motion_latents, decode_chunk=decode_chunk, shift=shift, steps=steps, noise_mix=noise_mix, cfg_pose=cfg_pose)
+                                motion_latents=motion_latents, decode_chunk=decode_chunk, shift=shift, steps=steps, noise_mix=noise_mix, cfg_pose=cfg_pose,
+                                cfg_audio=cfg_audio, cfg_text=cfg_text)
         vc, tc = vae.config, transformer.config
         check(vc.latent_channels == tc.in_channels, "transformer in_channels", f"the VAE's latent_channels {vc.latent_channels}", tc.in_channels)
         check((vc.spatial_compression, vc.temporal_compression) == (tc.vae_spatial, tc.vae_temporal), "transformer vae_spatial/vae_temporal",
@@ -229,7 +232,8 @@ class OmniHumanPipeline(DiffusionPipeline):
             check(isinstance(v, int) and v >= 1 and (v - 1) % t == 0, k, f"1 + {t}k frames", v)
         check(motion in ("pixels", "latents", "none"), "motion", "'pixels', 'latents' or 'none'", repr(motion))
         check_sampling(steps, noise_mix)
-        check(isinstance(cfg_pose, (int, float)) and math.isfinite(cfg_pose) and cfg_pose >= 0, "cfg_pose", "a finite number >= 0 (1: no pose guidance)", cfg_pose)
+        for k, v in (("cfg_pose", cfg_pose), ("cfg_audio", cfg_audio), ("cfg_text", cfg_text)):
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, k, "a finite number >= 0 (1: no guidance)", v)
         check(isinstance(motion_latents, int) and motion_latents >= 1, "motion_latents", "an int >= 1", motion_latents)
         self.check_size(height, width)
 
@@ -344,16 +348,18 @@ def _frame_count(seconds, frames, wav, pose_len):
 # %% ../nbs/10_pipeline.ipynb #3927bc76
 @patch
 def prepare(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
-            steps:int|None=None, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0, sampler:str="euler",
+            steps:int|None=None, cfg_audio:float|None=None, cfg_text:float|None=None, anneal:str="linear", seed:int=0, sampler:str="euler",
             height:int|None=None, width:int|None=None,
             noise_mix:float|None=None,
-            cfg_pose:float|None=None)->GenerationPlan:   # steps, noise_mix, cfg_pose: None takes the pipeline's config
+            cfg_pose:float|None=None)->GenerationPlan:   # steps, noise_mix and the guidance scales: None takes the pipeline's config
     "Check and load every input, apply the activation rule and the size policy; no sampling yet."
     H, W = height or self.config.height, width or self.config.width
     self.check_size(H, W)
     steps = self.config.steps if steps is None else steps
     noise_mix = self.config.noise_mix if noise_mix is None else noise_mix
     cfg_pose = self.config.cfg_pose if cfg_pose is None else cfg_pose
+    cfg_audio = self.config.cfg_audio if cfg_audio is None else cfg_audio
+    cfg_text = self.config.cfg_text if cfg_text is None else cfg_text
     check_sampling(steps, noise_mix)
     pose_cfg = cfg_schedule(cfg_pose, "none")             # constant over the steps
     check(sampler in ("euler", "diffusers"), "sampler", "'euler' or 'diffusers'", repr(sampler))
@@ -489,10 +495,10 @@ def iter_segments(self:OmniHumanPipeline, plan:GenerationPlan,
 # %% ../nbs/10_pipeline.ipynb #8217ea18
 @patch
 def __call__(self:OmniHumanPipeline, ref_image, audio=None, text:str|None=None, pose=None, seconds:float|None=None, frames:int|None=None,
-          steps:int|None=None, cfg_audio:float=3.0, cfg_text:float=2.0, anneal:str="linear", seed:int=0,
+          steps:int|None=None, cfg_audio:float|None=None, cfg_text:float|None=None, anneal:str="linear", seed:int=0,
           callback:Callable|None=None, sampler:str="euler", height:int|None=None, width:int|None=None,
           noise_mix:float|None=None, cfg_pose:float|None=None)->OmniHumanOutput:
-    "Generate a video from a reference image and any of audio (wav path or 16 kHz array), text and pose (pose.json path); `steps`, `noise_mix` and `cfg_pose` default to the pipeline's config."
+    "Generate a video from a reference image and any of audio (wav path or 16 kHz array), text and pose (pose.json path); `steps`, `noise_mix` and the guidance scales default to the pipeline's config."
     t0 = time.perf_counter()
     plan = self.prepare(ref_image, audio, text, pose, seconds, frames, steps, cfg_audio, cfg_text, anneal, seed, sampler, height, width, noise_mix, cfg_pose)
     out = np.concatenate([f for _, f in self.iter_segments(plan, callback)])
@@ -618,11 +624,12 @@ import omnihuman_nb
 SHIPPED_WEIGHTS = Path(omnihuman_nb.__file__).resolve().parent / "assets" / "classroom"   # the classroom bundle (chapter 15)
 
 def sampling_defaults(folder)->dict:
-    "The sampling settings a bundle's `recipe.json` names for its weights (`sample_steps`, `noise_mix`, `cfg_pose`; chapter 15), as pipeline config keys."
+    "The sampling settings a bundle's `recipe.json` names for its weights (`sample_steps`, `noise_mix` and the guidance scales; chapter 15), as pipeline config keys."
     f = Path(folder) / "recipe.json"
     if not f.is_file(): return {}
     r = json.loads(f.read_text())
-    return {k: r[rk] for k, rk in (("steps", "sample_steps"), ("noise_mix", "noise_mix"), ("cfg_pose", "cfg_pose")) if r.get(rk) is not None}
+    keys = (("steps", "sample_steps"), ("noise_mix", "noise_mix"), ("cfg_pose", "cfg_pose"), ("cfg_audio", "cfg_audio"), ("cfg_text", "cfg_text"))
+    return {k: r[rk] for k, rk in keys if r.get(rk) is not None}
 
 def load_pipeline(model:str|Path|None=None,   # a pipeline folder, a bundle (dit/ + vae/), a `demo --train` run, or None: the shipped weights
                   device:str="auto")->OmniHumanPipeline:
@@ -646,8 +653,8 @@ def generate(ref:str|Path,                  # reference image
              pose:str|Path|None=None,       # pose.json
              seconds:float|None=None,       # duration; None: the audio's, else the pose's
              steps:int|None=None,           # Euler steps per segment; None: the weights' own (the pipeline's config)
-             cfg_audio:float=3.0,           # audio guidance scale at the first step
-             cfg_text:float=2.0,            # text guidance scale at the first step
+             cfg_audio:float|None=None,     # audio guidance scale at the first step; None: the weights' own
+             cfg_text:float|None=None,      # text guidance scale at the first step (1: none); None: the weights' own
              anneal:str="linear",           # how the scales fall: "linear", "cosine" or "none"
              seed:int=0,
              noise_mix:float|None=None,     # share of the starting noise all frames share; None: the weights' own

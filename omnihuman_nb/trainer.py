@@ -122,6 +122,7 @@ class TrainConfig(Config):
     region_weights: dict = dataclasses.field(default_factory=dict)  # region ("mouth", "limbs") -> loss weight of its latents in samples whose condition drives it (audio, pose) and whose clip has keypoints; the rest weighs 1
     condition_lr: float = 1.0            # learning-rate multiplier for the audio and pose modules
     motion_noise: float = 0.0            # noise level t put on the motion latents in training (0: clean)
+    noise_mix: float = 0.0               # share of each sample's noise shared by all its latent frames, as chapter 10 samples (0: independent; chapter 16)
     probe_max_t: float | dict = 0.7      # the probe loss reads samples up to this noise level (noisier one-step predictions are a blur); a dict sets it per head, e.g. dict(keypoints=1.0, mouth=0.7)
     ref_pick: str = "uniform"            # reference frame: "uniform" outside the window, or "pose_gap": where the pose is on, frames weighted by how far their pose is from the window's
 
@@ -136,6 +137,7 @@ class TrainConfig(Config):
                   "a positive weight for 'mouth' or 'limbs'", w)
         check(isinstance(self.condition_lr, (int, float)) and self.condition_lr > 0, "condition_lr", "a positive number", self.condition_lr)
         check(isinstance(self.motion_noise, (int, float)) and 0 <= self.motion_noise < 1, "motion_noise", "a noise level in [0, 1)", self.motion_noise)
+        check(isinstance(self.noise_mix, (int, float)) and 0 <= self.noise_mix < 1, "noise_mix", "a share in [0, 1)", self.noise_mix)
         probe_max_ts(self.probe_max_t, PROBE_HEADS)                        # a bad noise level or head name fails here
         check(self.ref_pick in REF_PICKS, "ref_pick", f"one of {REF_PICKS}", repr(self.ref_pick))
 
@@ -407,12 +409,16 @@ def make_batch(clips:LatentClips, picks:list[Pick], text:dict, cfg:TrainConfig, 
 # %% ../nbs/09_trainer.ipynb #f050fcc8
 def flow_step(model, batch:dict, gen:torch.Generator, flow_cfg:FlowConfig,
               motion_noise:float=0.0,                      # noise level put on the motion latents
-              probe_loss=None)->tuple[torch.Tensor, torch.Tensor]:   # a `ProbeLoss` added to the flow loss (needs `batch['truth']`)
+              probe_loss=None,                             # a `ProbeLoss` added to the flow loss (needs `batch['truth']`)
+              noise_mix:float=0.0)->tuple[torch.Tensor, torch.Tensor]:   # share of each sample's noise drawn once for all its latent frames
     "Flow-matching loss of one micro-batch on the noisy tokens only (weighted by `batch['weight']` where given); also the per-sample losses (detached)."
     x0 = batch["x0"]
     B, _, T, H, W = x0.shape
     pt, ph, pw = (model.module if hasattr(model, "module") else model).patch
     noise = torch.randn(x0.shape, generator=gen).to(x0)
+    if noise_mix > 0:                                   # chapter 10's shared starting noise, in training: frames' noise correlates by noise_mix
+        shared = torch.randn((B, x0.shape[1], 1, H, W), generator=gen).to(x0)
+        noise = math.sqrt(noise_mix) * shared + math.sqrt(1 - noise_mix) * noise
     t = sample_timesteps(B, flow_cfg, n_tokens=(T // pt) * (H // ph) * (W // pw), generator=gen).to(x0)
     xt = noisy_sample(x0, noise, t)
     kw = {k: batch[k] for k in ("text", "text_lens", "ref", "motion", "audio", "pose", "condition_mask")}
@@ -687,7 +693,7 @@ def _optimizer_step(acc, model, raw, opt, sched, ema, data, text_h:dict, cfg:Tra
         last = micro == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if last else acc.no_sync(model)     # gradients sync on the last micro-batch only
         with sync:
-            loss, per = flow_step(model, batch, gen, cfg.flow, cfg.motion_noise, probe)   # scalar, (B,)
+            loss, per = flow_step(model, batch, gen, cfg.flow, cfg.motion_noise, probe, cfg.noise_mix)   # scalar, (B,)
             acc.backward(loss / cfg.grad_accum)
         ids.append(torch.tensor([_combo_id(p) for p in picks], device=acc.device))   # (B,)
         per_all.append(per)
