@@ -146,7 +146,7 @@ COMMANDS = [
         Arg("--seconds", help="length (default: the audio's or the pose's)", kw=dict(type=float)),
         Arg("--steps", help="sampling steps per segment (default: the weights' own, 3 for the classroom weights, else 20)", kw=dict(type=int)),
         Arg("--noise-mix", help="share of the starting noise every frame shares, in [0, 1) (default: the weights' own, 0.99 for the classroom weights, else 0)", kw=dict(type=float)),
-        Arg("--cfg-audio", help="audio guidance scale at the first step (default: the weights' own, 3 for the classroom weights, else 3)", kw=dict(type=float)),
+        Arg("--cfg-audio", help="audio guidance scale at the first step (default: the weights' own, 3 for the classroom weights and for weights without a recipe)", kw=dict(type=float)),
         Arg("--cfg-text", help="text guidance scale at the first step (1: none; default: the weights' own, 1 for the classroom weights, else 2)", kw=dict(type=float)),
         Arg("--cfg-pose", help="pose guidance scale, constant over the steps (1: none; default: the weights' own, 1.5 for the classroom weights, else 1)", kw=dict(type=float)),
         Arg("--anneal", help="how the guidance scales decay over the steps", kw=dict(choices=["linear", "cosine", "none"])),
