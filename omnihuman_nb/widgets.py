@@ -387,12 +387,15 @@ def dit_explorer(model,                 # an OmniHumanDiT
 # %% ../nbs/13_widgets.ipynb #1e14685c
 class SamplerExplorer(Explorer):
     "A pipeline's sampler: steps, audio and text CFG and their annealing (drawn), the predicted x0 at every step, and the video with its audio."
-    def __init__(self, pipe, ref, audio=None, text:str|None=None, frames:int|None=None, steps:int=4, cfg_audio:float=3.0,
-                 cfg_text:float=2.0, anneal:str="linear", seed:int=0, run:bool=True):
+    def __init__(self, pipe, ref, audio=None, text:str|None=None, frames:int|None=None, steps:int=4,
+                 cfg_audio:float|None=None, cfg_text:float|None=None,   # None: the pipeline's own (a bundle's recipe sets them)
+                 anneal:str="linear", seed:int=0, run:bool=True):
         from omnihuman_nb.pipeline import ANNEAL
         self.pipe, self.ref, self.audio_in, self.text = pipe, ref, audio, text
         self.frames, self.x0_frames, self.output = frames or pipe.config.segment_frames, [], None
         self.steps = W.IntSlider(value=steps, min=1, max=30, description="steps")
+        cfg_audio = pipe.config.cfg_audio if cfg_audio is None else cfg_audio
+        cfg_text = pipe.config.cfg_text if cfg_text is None else cfg_text
         self.cfg_audio = W.FloatSlider(value=cfg_audio, min=0.0, max=8.0, step=0.5, description="audio CFG", disabled=audio is None)
         self.cfg_text = W.FloatSlider(value=cfg_text, min=0.0, max=8.0, step=0.5, description="text CFG", disabled=text is None)
         self.anneal = W.Dropdown(options=list(ANNEAL), value=anneal, description="anneal")
